@@ -1,0 +1,116 @@
+"""Score MMMU predictions in the official parse-and-eval layout.
+
+    python -m app.mmmu score DIR [--seed 0] [--mode prefilled|optional|raw]
+
+``DIR/<Subject>/output.json`` holds a list of ``{id, question_type, answer, all_choices, index2ans,
+response}``. Several entries with one id are samples and are averaged per id. Prints JSON with overall,
+per-discipline and per-subject ``acc`` (official rules, seeded random fallback), ``acc_strict`` (fallback
+and unparsed count wrong), ``unparsed_frac`` and ``num``. The fallback draws from a ``random.Random``
+seeded by (seed, id, sample), so a figure does not depend on file order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modules.mmmu_rules import EXTRACTION_MODES, SUBJECTS, aggregate, score_item
+
+ENTRY_KEYS = ("id", "question_type", "answer", "response")
+
+
+class ScoreInputError(ValueError):
+    """A prediction folder or file that cannot be scored; the message names the path."""
+
+
+def _check_entry(entry: Any, path: Path, index: int) -> None:
+    """Raise ScoreInputError naming the file and entry when an entry is malformed."""
+    where = f"{path}: entry {index}"
+    if not isinstance(entry, dict):
+        raise ScoreInputError(f"{where} is {type(entry).__name__}, expected an object")
+    absent = [k for k in ENTRY_KEYS if k not in entry]
+    if absent:
+        raise ScoreInputError(f"{where} lacks keys {absent}")
+    if not isinstance(entry["response"], str):
+        raise ScoreInputError(f"{where}: 'response' must be a string")
+    if entry["question_type"] == "multiple-choice":
+        choices, index2ans = entry.get("all_choices"), entry.get("index2ans")
+        if not isinstance(choices, list) or not choices or not isinstance(index2ans, dict):
+            raise ScoreInputError(f"{where}: multiple-choice needs non-empty 'all_choices' and 'index2ans'")
+        if not all(isinstance(v, str) for v in index2ans.values()):
+            raise ScoreInputError(f"{where}: 'index2ans' values must be strings")
+
+
+def read_predictions(root: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Subject -> entries for every ``<root>/<Subject>/output.json``; ScoreInputError when unusable."""
+    base = Path(root)
+    if not base.is_dir():
+        raise ScoreInputError(f"prediction dir not found: {base}")
+    files = sorted(base.glob("*/output.json"))
+    if not files:
+        raise ScoreInputError(f"{base}: no <Subject>/output.json files")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in files:
+        subject = path.parent.name
+        if subject not in SUBJECTS:
+            raise ScoreInputError(f"{path}: folder {subject!r} is not an MMMU subject")
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ScoreInputError(f"{path}: not readable JSON ({err})") from err
+        if not isinstance(entries, list):
+            raise ScoreInputError(f"{path}: expected a JSON list, got {type(entries).__name__}")
+        for index, entry in enumerate(entries):
+            _check_entry(entry, path, index)
+        out[subject] = entries
+    return out
+
+
+def score_predictions(
+    predictions: dict[str, list[dict[str, Any]]], seed: int = 0, mode: str = "prefilled"
+) -> dict[str, Any]:
+    """Score every entry (per-entry rng seeded by seed, id and sample index) and aggregate."""
+    results = []
+    for subject, entries in predictions.items():
+        for entry in entries:
+            rng = random.Random(f"{seed}:{entry['id']}:{entry.get('sample', 0)}")
+            scored = score_item(entry["response"], entry["question_type"], entry["answer"],
+                                entry.get("all_choices") or [], entry.get("index2ans") or {}, rng, mode)
+            results.append({"id": entry["id"], "subject": subject, **scored})
+    report = aggregate(results)
+    report["settings"] = {"seed": seed, "mode": mode}
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``score DIR [--seed N] [--mode M]``."""
+    parser = argparse.ArgumentParser(prog="python -m app.mmmu", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="score <DIR>/<Subject>/output.json files, print JSON")
+    score.add_argument("dir", type=Path, help="folder in the official parse-and-eval layout")
+    score.add_argument("--seed", type=int, default=0, help="seed of the random MC fallback (default 0)")
+    score.add_argument("--mode", choices=EXTRACTION_MODES, default="prefilled",
+                       help="answer extraction: prefilled <think> (default), optional think tags, or raw "
+                            "(official: whole response)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry; returns the exit status (2 on unusable input, message on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = score_predictions(read_predictions(args.dir), seed=args.seed, mode=args.mode)
+    except (ScoreInputError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
