@@ -1,0 +1,432 @@
+"""Synthetic visual-reasoning data for the embedded tiny default: grid-aligned shapes, five tasks, R1-style traces.
+
+Perception is kept easy on purpose (see docs "tiny-task"): every image is a grid of `cell`-px cells holding at most
+one shape (±2 px jitter) on white, three shapes and four saturated colours, so one 28x28 vision token sees one
+shape. Difficulty (1-5) lives in the reasoning: more objects, more distractors, conjunction queries (colour AND
+shape), two counts, arithmetic, two images.
+
+Tasks (stored as `subject`): `count` (open), `compare` (MC: A first / B second / C same), `two_images` (open, sum or
+difference over `<image 1>` and `<image 2>`), `match_option` (MC over four numbers), `arithmetic` (open, points).
+
+Every item carries a correct trace (`solution`): per-row listing of the matching objects, a count, one self-check
+that opens with a critical word ("Wait", "Hmm", "Alternatively"), then `</think>` and `The answer is \\boxed{X}.`.
+With `trace_error_rate` r, a fraction r of the items get a *slipped* trace: it misses the last matching object of
+the first counted group (reading order), so the boxed answer is wrong while the row's `answer` stays right. The slip
+is chosen so that it always changes the final answer (compare items differ by at most one; match options always
+hold n-1). `meta` (JSON) keeps the drawn objects, queries and parameters so answers can be recounted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 190, 0),
+}  # fmt: skip
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+TASKS: tuple[str, ...] = ("count", "compare", "two_images", "match_option", "arithmetic")
+DIFFICULTIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+CRITICAL_WORDS: tuple[str, ...] = ("Wait", "Hmm", "Alternatively")
+LETTERS = "ABCD"
+SPLIT_CODES: dict[str, int] = {"train": 0, "validation": 1, "test": 2}
+
+# Target counts per difficulty: one counted group / two counted groups (two groups share one 4x4 grid).
+ONE_COUNT: dict[int, tuple[int, int]] = {1: (1, 2), 2: (1, 3), 3: (2, 4), 4: (2, 5), 5: (3, 6)}
+TWO_COUNT: dict[int, tuple[int, int]] = {1: (1, 2), 2: (1, 3), 3: (1, 3), 4: (2, 4), 5: (2, 4)}
+DISTRACTORS: dict[int, tuple[int, int]] = {1: (0, 1), 2: (1, 2), 3: (2, 4), 4: (3, 5), 5: (4, 6)}
+MIN_GRID = 4  # the densest scene (4 + 4 targets + 6 distractors) needs 14 of 16 cells
+SHAPE_FRACTION = 0.64  # shape side / cell side: 18 px in a 28 px cell leaves room for the ±2 px jitter
+MAX_JITTER = 2
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One drawn shape: colour, shape, grid cell (0-based row/col) and pixel jitter of its centre."""
+
+    colour: str
+    shape: str
+    row: int
+    col: int
+    dx: int = 0
+    dy: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to count: a colour, a shape, or both (a conjunction). At least one is set."""
+
+    colour: str | None = None
+    shape: str | None = None
+
+    def matches(self, obj: Obj) -> bool:
+        return (self.colour is None or obj.colour == self.colour) and (
+            self.shape is None or obj.shape == self.shape
+        )
+
+    def noun(self, plural: bool = True) -> str:
+        """'red shapes', 'circles', 'red circles' (or the singular)."""
+        base = self.shape or "shape"
+        base = base + "s" if plural else base
+        return f"{self.colour} {base}" if self.colour else base
+
+
+@dataclass
+class Drawn:
+    """A task instance before rendering: scenes (one object list per image) and all text."""
+
+    scenes: list[list[Obj]]
+    queries: list[Query]
+    question: str
+    answer: str
+    solution: str
+    options: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- sampling helpers
+def _pick(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _randint(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
+    return int(rng.integers(bounds[0], bounds[1] + 1))
+
+
+def _query(rng: np.random.Generator, colour: bool, shape: bool, avoid: Query | None = None) -> Query:
+    """A random query; with `avoid`, its set attributes differ from avoid's so the two groups are disjoint."""
+    colours = [c for c in COLOURS if avoid is None or c != avoid.colour]
+    shapes = [s for s in SHAPES if avoid is None or s != avoid.shape]
+    return Query(_pick(rng, colours) if colour else None, _pick(rng, shapes) if shape else None)
+
+
+def sample_scene(
+    rng: np.random.Generator, groups: list[tuple[Query, int]], distractors: tuple[int, int], grid: int
+) -> list[Obj]:
+    """Place `count` objects for each (query, count) plus distractors matching no query, one per cell.
+
+    Returns the objects in reading order (row, then column).
+    """
+    wanted = sum(k for _, k in groups)
+    n_extra = min(_randint(rng, distractors), grid * grid - wanted)
+    cells = rng.permutation(grid * grid)[: wanted + n_extra]
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    others = [(c, s) for c, s in combos if not any(q.matches(Obj(c, s, 0, 0)) for q, _ in groups)]
+    kinds: list[tuple[str, str]] = []
+    for q, k in groups:
+        for _ in range(k):
+            kinds.append((q.colour or _pick(rng, list(COLOURS)), q.shape or _pick(rng, SHAPES)))
+    kinds += [_pick(rng, others) for _ in range(n_extra)]
+    objs = []
+    for (colour, shape), cell in zip(kinds, cells, strict=True):
+        dx, dy = (int(v) for v in rng.integers(-MAX_JITTER, MAX_JITTER + 1, size=2))
+        objs.append(Obj(colour, shape, int(cell) // grid, int(cell) % grid, dx, dy))
+    return sorted(objs, key=lambda o: (o.row, o.col))
+
+
+def render_image(objs: list[Obj], image_size: int, cell: int) -> Image.Image:
+    """Draw the objects on a white RGB canvas (no anti-aliasing, so pixels are deterministic)."""
+    img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    grid = image_size // cell
+    offset = (image_size - grid * cell) // 2
+    half = round(cell * SHAPE_FRACTION) // 2
+    for o in objs:
+        cx = offset + o.col * cell + cell // 2 + o.dx
+        cy = offset + o.row * cell + cell // 2 + o.dy
+        box = [cx - half, cy - half, cx + half, cy + half]
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    return img
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """PNG bytes with fixed settings and no metadata chunks: same pixels give the same bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- trace helpers
+def _seen(objs: list[Obj], query: Query, slip: bool) -> list[Obj]:
+    """The matching objects the trace reports; a slipped trace misses the last one in reading order."""
+    hits = [o for o in objs if query.matches(o)]
+    return hits[:-1] if slip else hits
+
+
+def _rows(hits: list[Obj]) -> str:
+    """'Row 1: red circle, red square. Row 3: red circle.' ('I see none.' when empty)."""
+    if not hits:
+        return "I see none."
+    by_row: dict[int, list[str]] = {}
+    for o in hits:
+        by_row.setdefault(o.row, []).append(o.name)
+    return " ".join(f"Row {r + 1}: {', '.join(names)}." for r, names in sorted(by_row.items()))
+
+
+def _look(query: Query, hits: list[Obj], lead: str = "I look for the") -> str:
+    return f"{lead} {query.noun()}. {_rows(hits)} That makes {len(hits)}."
+
+
+def _recount(rng: np.random.Generator, query: Query, hits: list[Obj]) -> str:
+    """A self-check of one count, opening with a critical word."""
+    n = len(hits)
+    seq = ", ".join(str(i) for i in range(1, n + 1)) or "none"
+    row_counts = [sum(1 for o in hits if o.row == r) for r in sorted({o.row for o in hits})]
+    variant = int(rng.integers(3 if len(row_counts) >= 2 else 2))
+    if variant == 0:
+        return f"Wait, let me recount the {query.noun()}: {seq}. Yes, {n}."
+    if variant == 1:
+        return f"Hmm, let me count the {query.noun()} again: {seq}. Yes, {n}."
+    return f"Alternatively, by rows: {' + '.join(map(str, row_counts))} = {n}. Yes, {n}."
+
+
+def _finish(reasoning: str, boxed: str) -> str:
+    """Close the thought (the `<think>\\n` opening is pre-filled by the chat template) and box the answer."""
+    return f"{reasoning}\n</think>\nThe answer is \\boxed{{{boxed}}}."
+
+
+# ------------------------------------------------------------------------------------------------------- tasks
+def _count(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
+    q = _query(rng, colour=True, shape=d >= 3)
+    n = _randint(rng, ONE_COUNT[d])
+    scene = sample_scene(rng, [(q, n)], DISTRACTORS[d], grid)
+    hits = _seen(scene, q, slip)
+    text = f"{_look(q, hits)} {_recount(rng, q, hits)}"
+    question = f"<image>\nHow many {q.noun()} are there?"
+    return Drawn([scene], [q], question, str(n), _finish(text, str(len(hits))))
+
+
+def _compare(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
+    colour, shape = d != 3, d >= 3
+    q1 = _query(rng, colour, shape)
+    q2 = _query(rng, colour, shape, avoid=q1)
+    lo, hi = TWO_COUNT[d]
+    relation = _pick(rng, ("more", "fewer", "same"))
+    if relation == "same":
+        a = b = _randint(rng, (lo, hi))
+    else:  # counts differ by one, so an undercount by one always flips the verdict
+        small = _randint(rng, (lo, hi - 1))
+        a, b = (small + 1, small) if relation == "more" else (small, small + 1)
+    scene = sample_scene(rng, [(q1, a), (q2, b)], DISTRACTORS[d], grid)
+    slip1 = slip and a >= b
+    h1, h2 = _seen(scene, q1, slip1), _seen(scene, q2, slip and not slip1)
+    na, nb = len(h1), len(h2)
+    options = [q1.noun(), q2.noun(), "the same number"]
+    seen_letter = "A" if na > nb else "B" if nb > na else "C"
+    verdict = {"A": f"more {q1.noun()}", "B": f"more {q2.noun()}", "C": "the same number"}[seen_letter]
+    opener = _pick(rng, ("Wait, let me check", "Hmm, let me compare again"))
+    text = (
+        f"{_look(q1, h1, 'I count the')} {_look(q2, h2, 'Now the')} {opener}: {na} and {nb}. Yes, {verdict}."
+    )
+    true_letter = "A" if a > b else "B" if b > a else "C"
+    question = f"<image>\nAre there more {q1.noun()} or more {q2.noun()}?"
+    return Drawn([scene], [q1, q2], question, true_letter, _finish(text, seen_letter), options)
+
+
+def _two_images(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
+    q = _query(rng, colour=True, shape=d >= 4)
+    op = "difference" if d in (3, 5) else "sum"
+    lo, hi = TWO_COUNT[d]
+    if op == "sum":
+        a, b = _randint(rng, (lo, hi)), _randint(rng, (lo, hi))
+    else:
+        b = _randint(rng, (lo, hi - 1))
+        a = _randint(rng, (b + 1, hi))
+    scenes = [
+        sample_scene(rng, [(q, a)], DISTRACTORS[d], grid),
+        sample_scene(rng, [(q, b)], DISTRACTORS[d], grid),
+    ]
+    h1, h2 = _seen(scenes[0], q, slip), _seen(scenes[1], q, False)
+    na, nb = len(h1), len(h2)
+    head = (
+        f"In image 1, the {q.noun()}: {_rows(h1)} That makes {na}. In image 2: {_rows(h2)} That makes {nb}."
+    )
+    if op == "sum":
+        result, truth = na + nb, a + b
+        text = f"{head} Together {na} + {nb} = {result}. Wait, let me add again: {nb} + {na} = {result}. Yes, {result}."
+        question = f"<image 1>\n<image 2>\nHow many {q.noun()} are there in image 1 and image 2 together?"
+    else:
+        result, truth = na - nb, a - b
+        text = f"{head} So {na} - {nb} = {result}. Hmm, check: {nb} + {result} = {na}. Yes, {result}."
+        question = f"<image 1>\n<image 2>\nHow many more {q.noun()} are there in image 1 than in image 2?"
+    return Drawn(scenes, [q], question, str(truth), _finish(text, str(result)), params={"op": op})
+
+
+def _match_option(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
+    q = _query(rng, colour=d >= 3, shape=d != 3)
+    n = _randint(rng, ONE_COUNT[d])
+    start = _randint(rng, (max(0, n - 3), n - 1))  # four consecutive numbers holding n and n - 1
+    values = [start + i for i in rng.permutation(4)]
+    options = [str(v) for v in values]
+    scene = sample_scene(rng, [(q, n)], DISTRACTORS[d], grid)
+    hits = _seen(scene, q, slip)
+    letter = LETTERS[values.index(len(hits))]
+    text = f"{_look(q, hits)} {_recount(rng, q, hits)} That is option {letter}."
+    question = f"<image>\nHow many {q.noun()} are there?"
+    answer = LETTERS[values.index(n)]
+    return Drawn([scene], [q], question, answer, _finish(text, letter), options)
+
+
+def _arithmetic(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
+    """d1-2: one colour, d3: one colour+shape; d4: two colours, d5: two colour+shape groups."""
+    if d <= 3:
+        q = _query(rng, colour=True, shape=d == 3)
+        k = _randint(rng, (2, 3) if d < 3 else (2, 4))
+        n = _randint(rng, ONE_COUNT[d])
+        scene = sample_scene(rng, [(q, n)], DISTRACTORS[d], grid)
+        hits = _seen(scene, q, slip)
+        p = len(hits) * k
+        adds = " + ".join([str(k)] * len(hits)) or "0"
+        text = f"{_look(q, hits)} Each is worth {k}, so {len(hits)} * {k} = {p}. Wait, let me check: {adds} = {p}. Yes, {p}."
+        question = (
+            f"<image>\nIf each {q.noun(False)} is worth {k} points, how many points do the {q.noun()} make?"
+        )
+        return Drawn([scene], [q], question, str(n * k), _finish(text, str(p)), params={"points": [k]})
+    q1 = _query(rng, colour=True, shape=d == 5)
+    q2 = _query(rng, colour=True, shape=d == 5, avoid=q1)
+    k1, k2 = _randint(rng, (2, 4)), _randint(rng, (2, 4))
+    a, b = _randint(rng, TWO_COUNT[d]), _randint(rng, TWO_COUNT[d])
+    scene = sample_scene(rng, [(q1, a), (q2, b)], DISTRACTORS[d], grid)
+    h1, h2 = _seen(scene, q1, slip), _seen(scene, q2, False)
+    p1, p2 = len(h1) * k1, len(h2) * k2
+    text = (
+        f"{_look(q1, h1)} So {len(h1)} * {k1} = {p1}. {_look(q2, h2, 'Now the')} So {len(h2)} * {k2} = {p2}. "
+        f"Total {p1} + {p2} = {p1 + p2}. Hmm, let me add again: {p2} + {p1} = {p1 + p2}. Yes, {p1 + p2}."
+    )
+    question = (
+        f"<image>\nIf each {q1.noun(False)} is worth {k1} points and each {q2.noun(False)} is worth {k2} points, "
+        "how many points are there in total?"
+    )
+    answer = str(a * k1 + b * k2)
+    return Drawn(
+        [scene], [q1, q2], question, answer, _finish(text, str(p1 + p2)), params={"points": [k1, k2]}
+    )
+
+
+_BUILDERS = dict(zip(TASKS, (_count, _compare, _two_images, _match_option, _arithmetic), strict=True))
+
+
+# --------------------------------------------------------------------------------------------------- generation
+def _split_code(split: str) -> int:
+    """A stable integer per split name (used in the RNG seed, so splits never share a stream)."""
+    if split in SPLIT_CODES:
+        return SPLIT_CODES[split]
+    return 1000 + sum((i + 1) * ord(ch) for i, ch in enumerate(split))
+
+
+@lru_cache(maxsize=256)
+def _block_order(seed: int, split_code: int, block: int) -> tuple[int, ...]:
+    order = np.random.default_rng([seed, split_code, block, 7]).permutation(len(TASKS) * len(DIFFICULTIES))
+    return tuple(int(i) for i in order)
+
+
+def task_and_difficulty(index: int, seed: int, split: str) -> tuple[str, int]:
+    """Balanced assignment: each block of 25 items holds every (task, difficulty) pair once, in shuffled order."""
+    block, pos = divmod(index, len(TASKS) * len(DIFFICULTIES))
+    combo = _block_order(seed, _split_code(split), block)[pos]
+    return TASKS[combo % len(TASKS)], DIFFICULTIES[combo // len(TASKS)]
+
+
+def _meta(drawn: Drawn, task: str, difficulty: int, slip: bool) -> str:
+    """The ground truth as compact, key-sorted JSON: objects per image, queries, task parameters, slip flag."""
+    payload = {
+        "task": task,
+        "difficulty": difficulty,
+        "images": [[vars(o) for o in scene] for scene in drawn.scenes],  # vars: asdict deep-copies, 3x slower
+        "queries": [vars(q) for q in drawn.queries],
+        "params": drawn.params,
+        "trace_error": slip,
+    }
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def make_item(
+    index: int,
+    seed: int,
+    split: str = "train",
+    image_size: int = 112,
+    cell: int = 28,
+    trace_error_rate: float = 0.0,
+    render: bool = True,
+) -> dict[str, Any]:
+    """One schema row (README "Data schema"), plus `meta`. Images are HF Image structs {bytes, path}.
+
+    The row depends only on (index, seed, split, sizes, rate), so shards can be generated independently.
+    With render=False the `images` list is empty (text only; used for tokenizer training text).
+    """
+    grid = image_size // cell
+    if grid < MIN_GRID:
+        raise ValueError(
+            f"image_size // cell = {grid}; the tasks need a grid of at least {MIN_GRID}x{MIN_GRID} cells"
+        )
+    task, difficulty = task_and_difficulty(index, seed, split)
+    rng = np.random.default_rng([seed, _split_code(split), index])
+    slip = bool(rng.random() < trace_error_rate)  # always drawn, so the rate never shifts the other draws
+    drawn = _BUILDERS[task](rng, difficulty, grid, slip)
+    images = (
+        [{"bytes": encode_png(render_image(s, image_size, cell)), "path": None} for s in drawn.scenes]
+        if render
+        else []
+    )
+    return {
+        "id": f"{split}-{index:06d}",
+        "images": images,
+        "question": drawn.question,
+        "options": drawn.options,
+        "answer": drawn.answer,
+        "question_type": "multiple-choice" if drawn.options else "open",
+        "difficulty": difficulty,
+        "subject": task,
+        "solution": drawn.solution,
+        "meta": _meta(drawn, task, difficulty, slip),
+    }
+
+
+def generate_items(
+    n: int,
+    seed: int,
+    split: str = "train",
+    image_size: int = 112,
+    cell: int = 28,
+    trace_error_rate: float = 0.0,
+    start: int = 0,
+    render: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows `start` .. `start + n - 1` of a split (see `make_item`)."""
+    if not 0.0 <= trace_error_rate <= 1.0:
+        raise ValueError(f"trace_error_rate must be in [0, 1], got {trace_error_rate}")
+    return [
+        make_item(i, seed, split, image_size, cell, trace_error_rate, render) for i in range(start, start + n)
+    ]
+
+
+_MARKER = re.compile(r"<image(?:\s+\d+)?>\s*")
+
+
+def SYNTH_VOCAB_TEXT(n: int = 500, seed: int = 12345) -> list[str]:  # noqa: N802 - name fixed by the brief
+    """Sample texts for training the tiny tokenizer: questions (image markers removed: they are special tokens),
+    solutions (correct and slipped), answers and option texts, plus every colour/shape word and digit."""
+    texts: list[str] = []
+    for row in generate_items(n, seed, split="vocab", trace_error_rate=0.5, render=False):
+        texts += [_MARKER.sub("", row["question"]), row["solution"], row["answer"], *row["options"]]
+    texts += [f"{c} {s} {s}s" for c in COLOURS for s in SHAPES] + [str(i) for i in range(100)]
+    texts += [" ".join(CRITICAL_WORDS), " ".join(LETTERS)]
+    return texts
