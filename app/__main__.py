@@ -1,0 +1,3 @@
+from app.cli import cli_main
+
+cli_main()

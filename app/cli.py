@@ -1,0 +1,52 @@
+"""The command line: `python -m app fit|validate|test|predict --config FILE [--config OVERLAY] [--key value]`.
+
+A small LightningCLI: the `__init__` signatures of the modules, the DataModule and the callbacks are the config
+schema, so `--help` and `--print_config` document every option.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning import LightningModule
+
+from datamodules.vlm_datamodule import VLMDataModule
+
+
+class R1VCLI(LightningCLI):
+    """LightningCLI with the model path shared with the DataModule and a rich progress bar by default."""
+
+    def before_instantiate_classes(self) -> None:
+        """The DataModule's processor comes from the model folder unless the config names another."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        model_path = config.get("model", {}).get("init_args", {}).get("model_path")
+        data_args = config.get("data", {})
+        if model_path and not data_args.get("processor_path"):
+            data_args["processor_path"] = model_path
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
+        """A rich progress bar by default, unless the config turns bars off or brings its own."""
+        own_bar = any(isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []), *callbacks])
+        if config.get("enable_progress_bar") is not False and not own_bar:
+            callbacks = [*callbacks, RichProgressBar(leave=True)]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> R1VCLI:
+    """Entry point; `args` and `run=False` let tests and notebooks drive it."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return R1VCLI(
+        LightningModule,
+        VLMDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=False,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveConfigCallback,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )

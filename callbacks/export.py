@@ -1,0 +1,27 @@
+"""Export the trained policy as a plain Hugging Face folder at the end of fit: the next stage's input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from modules.common import export_hf
+
+
+class ExportCallback(Callback):
+    """Write `out_dir` (safetensors weights, processor, chat template, generation config) when fit ends.
+
+    Args:
+        out_dir: folder to write; the next stage's `model.model_path` points here.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            out = export_hf(pl_module.policy, pl_module.processor, Path(self.out_dir))
+            rank_zero_info(f"exported {type(pl_module).__name__} policy to {out}")
+        trainer.strategy.barrier()

@@ -1,0 +1,83 @@
+"""What the GRPO and SFT modules share: loading the policy, optimisers and schedules, exporting."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from modules.loading import check_checkpoint_dir, load_vlm, parts_table, set_trainable_parts
+
+log = logging.getLogger(__name__)
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
+
+def load_policy(model_path: str, trainable_parts: list[str], dtype: str, attn_implementation: str | None,
+                gradient_checkpointing: bool, trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    """Load the model and processor, set the trainable parts and print the table."""
+    model, processor = load_vlm(model_path, dtype=dtype, attn_implementation=attn_implementation,
+                                gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code)
+    model.train()  # from_pretrained returns eval mode
+    rows = set_trainable_parts(model, trainable_parts)
+    rank_zero_info(f"model {model_path} ({model.config.model_type})\n{parts_table(rows)}")
+    return model, processor
+
+
+def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (its optimiser states take a quarter of the memory)."""
+    if not params:
+        raise ValueError("no trainable parameters: check `trainable_parts`")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    if name == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:  # pragma: no cover - bitsandbytes is a core dependency
+            raise ImportError("optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.0,
+                  schedule: str = "cosine", min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over warmup_ratio of the steps, then cosine decay (or constant) to min_ratio."""
+    total = max(1, total_steps)
+    warm = int(round(warmup_ratio * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_training_steps(trainer: Any) -> int:
+    """max_steps when set, else the estimated stepping batches."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    est = trainer.estimated_stepping_batches
+    return int(est) if math.isfinite(est) else 1000
+
+
+def export_hf(model: nn.Module, processor: Any, out_dir: str | Path) -> Path:
+    """Write a plain Hugging Face folder (safetensors, processor, chat template, generation config)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def validate_model_path(model_path: str) -> None:
+    """Fail at start-up (not at the first step) on a bad model folder."""
+    check_checkpoint_dir(model_path)

@@ -1,0 +1,154 @@
+"""The stages of a GRPO step that are not forward passes: scoring, the update plan, statistics, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from datamodules.types import PromptBatch, Rollouts
+from modules.advantages import zero_std_mask
+
+
+@dataclass
+class GroupScores:
+    total: torch.Tensor  # [B, G]
+    components: dict[str, torch.Tensor]  # name -> [B, G]
+
+
+def score_rollouts(rewards, rollouts: Rollouts) -> GroupScores:
+    """Score every response against its prompt's record: totals and components as [B, G]."""
+    total, components = rewards.score(rollouts.texts, rollouts.group_records())
+    shape = (rollouts.num_prompts, rollouts.group_size)
+    return GroupScores(total=torch.as_tensor(total, dtype=torch.float32).view(shape),
+                       components={k: torch.as_tensor(v, dtype=torch.float32).view(shape)
+                                   for k, v in components.items()})
+
+
+class Overlong:
+    """Handling of responses that hit the length cap.
+
+    Args:
+        mode: "none" (train on them as they are), "mask" (leave truncated responses out of the loss), or
+            "penalty" (DAPO-style soft penalty: reward minus up to `penalty` over the last `buffer` tokens).
+        buffer: tokens before the cap where the soft penalty starts.
+        penalty: the penalty at the cap.
+    """
+
+    def __init__(self, mode: str = "none", buffer: int = 16, penalty: float = 1.0):
+        if mode not in ("none", "mask", "penalty"):
+            raise ValueError(f"overlong mode {mode!r}: choose none, mask or penalty")
+        self.mode, self.buffer, self.penalty = mode, buffer, penalty
+
+    def loss_mask(self, truncated: torch.Tensor) -> torch.Tensor:
+        """[N] 1.0 for responses that stay in the loss."""
+        return (~truncated).float() if self.mode == "mask" else torch.ones_like(truncated, dtype=torch.float32)
+
+    def reward_penalty(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """[N] amount subtracted from the reward: linear in the tokens past max_len - buffer."""
+        if self.mode != "penalty":
+            return torch.zeros_like(lengths, dtype=torch.float32)
+        over = (lengths.float() - (max_len - self.buffer)).clamp(min=0)
+        return self.penalty * over / max(1, self.buffer)
+
+
+@dataclass
+class UpdatePlan:
+    """Which tokens train, with which advantage, in which mini-batches."""
+
+    advantages: torch.Tensor  # [B*G] per-response advantage
+    mask: torch.Tensor  # [B*G, R] 1 on tokens in the loss
+    group_size: int
+    num_prompts: int
+    mini_batch_prompts: int
+
+    @classmethod
+    def build(cls, rollouts: Rollouts, advantages: torch.Tensor, scores: GroupScores, overlong: Overlong,
+              dynamic_sampling: bool, mini_batch_prompts: int | None) -> UpdatePlan:
+        device = rollouts.response_mask.device
+        keep = overlong.loss_mask(rollouts.truncated.cpu())  # [B*G]
+        if dynamic_sampling:
+            varied = (~zero_std_mask(scores.total)).float()  # [B]
+            keep = keep * varied.repeat_interleave(rollouts.group_size)
+        mask = rollouts.response_mask.float() * keep.to(device)[:, None]
+        b = rollouts.num_prompts
+        return cls(advantages=advantages.reshape(-1).to(device), mask=mask, group_size=rollouts.group_size,
+                   num_prompts=b, mini_batch_prompts=min(b, mini_batch_prompts or b))
+
+    @property
+    def num_minibatches(self) -> int:
+        return -(-self.num_prompts // self.mini_batch_prompts)
+
+    def minibatches(self) -> list[list[int]]:
+        """Prompt indices per mini-batch; whole groups stay together (their prompt is shared)."""
+        m = self.mini_batch_prompts
+        return [list(range(s, min(s + m, self.num_prompts))) for s in range(0, self.num_prompts, m)]
+
+    def rows(self, prompts: list[int]) -> list[int]:
+        g = self.group_size
+        return [p * g + j for p in prompts for j in range(g)]
+
+
+@dataclass
+class LossStats:
+    losses: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    entropy_sum: float = 0.0
+    entropy_tokens: float = 0.0
+
+    def add(self, loss: torch.Tensor, parts: dict, entropy: torch.Tensor | None, mask: torch.Tensor) -> None:
+        self.losses.append(float(loss.detach()))
+        for k, v in parts.items():
+            self.parts.setdefault(k, []).append(float(v))
+        if entropy is not None:
+            self.entropy_sum += float((entropy.detach() * mask).sum())
+            self.entropy_tokens += float(mask.sum())
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def step_metrics(rollouts: Rollouts, scores: GroupScores, stats: LossStats, t_rollout: float,
+                 t_update: float) -> dict[str, float]:
+    """The per-step TensorBoard scalars."""
+    lengths = rollouts.response_mask.sum(1).float()
+    tokens = float(lengths.sum() + rollouts.prompts.attention_mask.sum() * rollouts.group_size)
+    m = {
+        "train/loss": _mean(stats.losses),
+        "train/reward": float(scores.total.mean()),
+        "train/accuracy": float(scores.components.get("accuracy", scores.total).mean()),
+        "train/response_length": float(lengths.mean()),
+        "train/response_length_max": float(lengths.max()),
+        "train/truncated_frac": float(rollouts.truncated.float().mean()),
+        "train/entropy": stats.entropy_sum / max(1.0, stats.entropy_tokens),
+        "train/grad_norm": _mean(stats.grad_norm),
+        "time/rollout_s": t_rollout,
+        "time/update_s": t_update,
+        "throughput/tokens_per_s": tokens / max(1e-9, t_rollout + t_update),
+    }
+    for name, comp in scores.components.items():
+        m[f"train/reward/{name}"] = float(comp.mean())
+    if "clip_frac" in stats.parts:
+        m["train/clip_frac"] = _mean(stats.parts["clip_frac"])
+    if "kl" in stats.parts:
+        m["train/kl"] = _mean(stats.parts["kl"])
+    return m
+
+
+def select_prompts(batch: PromptBatch, prompts: list[int]) -> PromptBatch:
+    """A PromptBatch of some of the prompts, their vision rows included."""
+    vision = {}
+    for key, value in batch.vision.items():
+        rows = batch.vision_rows.get(key)
+        if rows is None:
+            vision[key] = value[prompts]
+            continue
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        index = [r for p in prompts for r in range(starts[p], starts[p] + rows[p])]
+        vision[key] = value[index]
+    vision_rows = {k: [v[p] for p in prompts] for k, v in batch.vision_rows.items()}
+    return PromptBatch(input_ids=batch.input_ids[prompts], attention_mask=batch.attention_mask[prompts],
+                       vision=vision, records=[batch.records[p] for p in prompts],
+                       labels=None if batch.labels is None else batch.labels[prompts], vision_rows=vision_rows)

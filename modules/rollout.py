@@ -1,0 +1,99 @@
+"""Rollout engines: prompt batch + group size -> Rollouts. Chosen in YAML by `class_path`.
+
+`HFRolloutEngine` samples with the training model itself (KV cache, temperature, top-p, EOS stop), encoding
+each prompt once per group by default. Its random generator is part of the checkpoint, so a resumed run samples
+the same tokens as an uninterrupted one. `modules.vllm_engine.VLLMRolloutEngine` has the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from datamodules.types import PromptBatch, Rollouts
+from modules.policy import SamplingParams, sample
+
+
+class RolloutEngine:
+    """Interface: `generate(model, batch, group_size, ...) -> Rollouts`; state for exact resume."""
+
+    def setup(self, model: nn.Module, processor: Any, device: torch.device, seed: int) -> None:
+        raise NotImplementedError
+
+    def generate(self, model: nn.Module, batch: PromptBatch, group_size: int,
+                 temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
+        raise NotImplementedError
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Called after each optimiser step; engines that hold their own copy of the weights refresh it."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Sampling with the policy's own forward (Hugging Face model, KV cache).
+
+    Args:
+        temperature: sampling temperature (0 = greedy).
+        top_p: nucleus sampling mass.
+        max_new_tokens: response length cap; responses that hit it are marked truncated.
+        share_prompt: encode each prompt and its images once per group and repeat its KV cache G times
+            (False copies the prompt G times before the forward, as other tools do).
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
+                 share_prompt: bool = True):
+        self.params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        self.share_prompt = share_prompt
+        self.generator: torch.Generator | None = None
+        self.tokenizer = None
+
+    def setup(self, model: nn.Module, processor: Any, device: torch.device, seed: int) -> None:
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if self.generator is None or self.generator.device != torch.device(device):
+            state = None if self.generator is None else self.generator.get_state()
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+            if state is not None and torch.device(device).type == "cpu":
+                self.generator.set_state(state)
+
+    def eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(end, int) and end != self.tokenizer.unk_token_id:
+            ids.add(end)
+        return sorted(i for i in ids if i is not None)
+
+    def generate(self, model: nn.Module, batch: PromptBatch, group_size: int,
+                 temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
+        sp = SamplingParams(
+            temperature=self.params.temperature if temperature is None else temperature,
+            top_p=self.params.top_p,
+            max_new_tokens=self.params.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            ids, mask, truncated = sample(model, batch, group_size, sp, self.eos_ids(),
+                                          self.tokenizer.pad_token_id, self.generator, self.share_prompt)
+        finally:
+            model.train(was_training)
+        texts = self.tokenizer.batch_decode(ids * mask + self.tokenizer.pad_token_id * (1 - mask),
+                                            skip_special_tokens=True)
+        return Rollouts(prompts=batch, response_ids=ids, response_mask=mask, truncated=truncated,
+                        texts=texts, group_size=group_size)
+
+    def state_dict(self) -> dict:
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            if self.generator is None:
+                self.generator = torch.Generator()
+            self.generator.set_state(state["generator"])
