@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning import LightningModule
 
 from datamodules.vlm_datamodule import VLMDataModule
@@ -28,10 +29,19 @@ class R1VCLI(LightningCLI):
             data_args["processor_path"] = model_path
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
-        """A rich progress bar by default, unless the config turns bars off or brings its own."""
-        own_bar = any(isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []), *callbacks])
-        if config.get("enable_progress_bar") is not False and not own_bar:
+        """A rich progress bar by default, unless the config turns bars off or brings its own; atomic checkpoint
+        writes and a checkpoint on SIGTERM by default (callbacks/fault_tolerance.py, docs/resume.md)."""
+        from callbacks.fault_tolerance import AtomicCheckpointIO, PreemptionCheckpoint
+
+        own = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in own):
             callbacks = [*callbacks, RichProgressBar(leave=True)]
+        if not any(isinstance(c, PreemptionCheckpoint) for c in own):
+            callbacks = [*callbacks, PreemptionCheckpoint()]
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -46,6 +56,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> R1VCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         save_config_callback=SaveConfigCallback,
+        # Prompts are sharded by the DataModule (whole groups per rank); Lightning must not add its own sampler.
+        trainer_defaults={"use_distributed_sampler": False},
         args=args,
         run=run,
         auto_configure_optimizers=False,

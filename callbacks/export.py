@@ -15,13 +15,15 @@ class ExportCallback(Callback):
 
     Args:
         out_dir: folder to write; the next stage's `model.model_path` points here.
+            Default: `<trainer.default_root_dir>/export`.
     """
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str | None = None):
         self.out_dir = out_dir
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
-            out = export_hf(pl_module.policy, pl_module.processor, Path(self.out_dir))
+            out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "export")
+            out = export_hf(pl_module.policy, pl_module.processor, out_dir)
             rank_zero_info(f"exported {type(pl_module).__name__} policy to {out}")
         trainer.strategy.barrier()

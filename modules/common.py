@@ -81,3 +81,15 @@ def export_hf(model: nn.Module, processor: Any, out_dir: str | Path) -> Path:
 def validate_model_path(model_path: str) -> None:
     """Fail at start-up (not at the first step) on a bad model folder."""
     check_checkpoint_dir(model_path)
+
+
+def fresh(obj: Any) -> Any:
+    """A class-typed default written with `lazy_instance` becomes a new, fully built object per module.
+
+    Lazy defaults are created once at import and would otherwise be shared (with their state) by every module
+    built from Python; LightningCLI builds real objects from YAML, which pass through unchanged.
+    """
+    kwargs = getattr(obj, "_lazy_kwargs", None)
+    if kwargs is None:
+        return obj
+    return type(obj).__bases__[1](**kwargs)

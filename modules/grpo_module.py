@@ -21,8 +21,9 @@ from jsonargparse import lazy_instance
 
 from datamodules.types import PromptBatch, Rollouts
 from modules.advantages import AdvantageEstimator, GRPOAdvantage, zero_std_mask
-from modules.common import build_optimizer, load_policy, total_training_steps, validate_model_path, warmup_cosine
-from modules.grpo_steps import GroupScores, LossStats, Overlong, UpdatePlan, score_rollouts
+from modules.common import build_optimizer, fresh, load_policy, total_training_steps, validate_model_path, warmup_cosine
+from modules.grpo_steps import (GroupScores, LossStats, Overlong, UpdatePlan, apply_overlong_penalty,
+                                score_rollouts)
 from modules.losses import KLPenalty, LossAggregation, PPOClipLoss, TokenMean
 from modules.policy import response_hidden, token_logprobs
 from modules.rewards import Reward
@@ -104,10 +105,13 @@ class GRPOModule(LightningModule):
         self.save_hyperparameters(ignore=["rollout", "rewards", "advantage", "policy_loss", "aggregation", "kl",
                                           "overlong"])
         validate_model_path(model_path)
+        advantage = fresh(advantage)
         if group_size < advantage.min_group_size:
             raise ValueError(f"group_size={group_size}: {type(advantage).__name__} needs at least "
                              f"{advantage.min_group_size} rollouts per prompt (set model.group_size)")
         self.automatic_optimization = False
+        rollout, advantage, policy_loss, aggregation, kl, overlong = map(
+            fresh, (rollout, advantage, policy_loss, aggregation, kl, overlong))
         self.rollout, self.advantage, self.policy_loss = rollout, advantage, policy_loss
         self.aggregation, self.kl, self.overlong = aggregation, kl, overlong
         self.rewards = self._weighted_rewards(rewards, reward_weights)
@@ -170,7 +174,8 @@ class GRPOModule(LightningModule):
         t0 = time.perf_counter()
         rollouts = self.rollout.generate(self.policy, batch, self.hparams.group_size)
         t_rollout = time.perf_counter() - t0
-        scores = score_rollouts(self.rewards, rollouts)
+        scores = apply_overlong_penalty(score_rollouts(self.rewards, rollouts), rollouts, self.overlong,
+                                        getattr(self.rollout, "max_new_tokens", rollouts.response_ids.shape[1]))
         advantages = self.advantage(scores.total)  # [B, G]
         plan = UpdatePlan.build(rollouts, advantages, scores, self.overlong, self.hparams.dynamic_sampling,
                                 self.hparams.mini_batch_prompts)
@@ -230,16 +235,16 @@ class GRPOModule(LightningModule):
             parts["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
         if self.hparams.entropy_coef:
             token_loss = token_loss - self.hparams.entropy_coef * entropy
-        global_tokens = self.global_token_count(mask)
-        loss = self.aggregation(token_loss, mask, global_tokens) * self.trainer.world_size
+        global_tokens, global_seqs = self.global_counts(mask)
+        loss = self.aggregation(token_loss, mask, global_tokens, global_seqs) * self.trainer.world_size
         return loss, parts
 
-    def global_token_count(self, mask: torch.Tensor) -> float:
-        """Response tokens of this mini-batch summed over ranks (so ranks divide by the same number)."""
-        n = mask.sum().float()
+    def global_counts(self, mask: torch.Tensor) -> tuple[float, float]:
+        """Tokens and non-empty sequences of this mini-batch summed over ranks (all ranks divide alike)."""
+        n = torch.stack([mask.sum(), (mask.sum(1) > 0).sum()]).float()
         if self.trainer.world_size > 1:
             n = self.trainer.strategy.reduce(n, reduce_op="sum")
-        return float(n.clamp(min=1))
+        return float(n[0].clamp(min=1)), float(n[1].clamp(min=1))
 
     def clip_gradients_norm(self, opt) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]

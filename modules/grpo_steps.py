@@ -25,6 +25,15 @@ def score_rollouts(rewards, rollouts: Rollouts) -> GroupScores:
                                    for k, v in components.items()})
 
 
+def apply_overlong_penalty(scores: GroupScores, rollouts: Rollouts, overlong: "Overlong",
+                           max_len: int) -> GroupScores:
+    """Subtract the soft length penalty (when configured) from the total reward: [B, G]."""
+    penalty = overlong.reward_penalty(rollouts.response_mask.sum(1).cpu(), max_len).view_as(scores.total)
+    if not bool(penalty.any()):
+        return scores
+    return GroupScores(total=scores.total - penalty, components={**scores.components, "overlong": -penalty})
+
+
 class Overlong:
     """Handling of responses that hit the length cap.
 

@@ -54,6 +54,10 @@ class HFRolloutEngine(RolloutEngine):
         self.generator: torch.Generator | None = None
         self.tokenizer = None
 
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
     def setup(self, model: nn.Module, processor: Any, device: torch.device, seed: int) -> None:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.generator is None or self.generator.device != torch.device(device):
