@@ -93,3 +93,35 @@ def fresh(obj: Any) -> Any:
     if kwargs is None:
         return obj
     return type(obj).__bases__[1](**kwargs)
+
+
+class IncompatibleCheckpoint(ValueError):
+    """The checkpoint's weights do not fit the model they are loaded into."""
+
+
+def policy_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The policy's weights from a GRPO/SFT module checkpoint (keys without the `policy.` prefix)."""
+    state = checkpoint.get("state_dict", {})
+    out = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+    if not out:
+        raise IncompatibleCheckpoint("checkpoint holds no `policy.*` weights: not written by this app's modules")
+    return out
+
+
+def check_compatible(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:
+    """Same parameter names and shapes, or an error saying what differs (family, vocabulary, sizes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
+              if state[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        detail = []
+        if missing or extra:
+            detail.append(f"{len(missing)} parameters missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+                          f"(e.g. {extra[:2]}): another model family?")
+        if shapes:
+            k, a, b = shapes[0]
+            detail.append(f"{len(shapes)} shape mismatches, e.g. {k}: checkpoint {a} vs model {b}"
+                          " (another tokenizer/vocabulary or size?)")
+        raise IncompatibleCheckpoint(f"{source} does not fit {type(model).__name__}: " + "; ".join(detail))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 
 from datamodules.types import PromptBatch
-from modules.common import build_optimizer, load_policy, total_training_steps, validate_model_path, warmup_cosine
+from modules.common import build_optimizer, check_compatible, policy_state, load_policy, total_training_steps, validate_model_path, warmup_cosine
 from modules.policy import positions
 
 ALL_PARTS = ["vision", "connector", "language_model", "lm_head"]
@@ -108,3 +108,4 @@ class SFTModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        check_compatible(policy_state(checkpoint), self.policy, "the checkpoint being resumed")
