@@ -21,7 +21,7 @@ from jsonargparse import lazy_instance
 
 from datamodules.types import PromptBatch, Rollouts
 from modules.advantages import AdvantageEstimator, GRPOAdvantage, zero_std_mask
-from modules.common import build_optimizer, fresh, load_policy, total_training_steps, validate_model_path, warmup_cosine
+from modules.common import build_optimizer, check_compatible, policy_state, fresh, load_policy, total_training_steps, validate_model_path, warmup_cosine
 from modules.grpo_steps import (GroupScores, LossStats, Overlong, UpdatePlan, apply_overlong_penalty,
                                 score_rollouts)
 from modules.losses import KLPenalty, LossAggregation, PPOClipLoss, TokenMean
@@ -53,6 +53,8 @@ class GRPOModule(LightningModule):
         entropy_coef: entropy bonus coefficient (0 = off).
         ppo_epochs: passes over each step's rollouts.
         mini_batch_prompts: prompts per optimiser step (None = all prompts of the step: one update per step).
+        micro_batch_prompts: prompts per forward/backward inside an optimiser step (gradient accumulation;
+            None = the whole mini-batch). Bounds activation memory; the loss is the same.
         dynamic_sampling: leave groups whose rewards are all equal out of the loss.
         overlong: what to do with responses that hit the length cap.
         share_prompt: compute each prompt once per group in the training forward (False copies it G times).
@@ -87,6 +89,7 @@ class GRPOModule(LightningModule):
         entropy_coef: float = 0.0,
         ppo_epochs: int = 1,
         mini_batch_prompts: int | None = None,
+        micro_batch_prompts: int | None = None,
         dynamic_sampling: bool = False,
         overlong: Overlong = lazy_instance(Overlong),
         share_prompt: bool = True,
@@ -121,6 +124,7 @@ class GRPOModule(LightningModule):
         self.last_group_stats: dict[str, Any] = {}
         self.last_rollouts: Rollouts | None = None
         self._rollout_state: dict | None = None
+        self._train_sampler_state: dict | None = None  # the training sampler's state while validation runs
 
     @staticmethod
     def _weighted_rewards(rewards: list[Reward] | None, weights: list[float] | None):
@@ -153,8 +157,21 @@ class GRPOModule(LightningModule):
     def on_fit_start(self) -> None:
         self._setup_rollout()
 
+    def on_train_start(self) -> None:
+        self._setup_rollout()  # strategies that restore checkpoints after setup (FSDP, DeepSpeed) restore here
+
     def on_validation_start(self) -> None:
+        # Validation samples from its own stream (seeded by the step), so it never moves the training sampler:
+        # a run validated at other steps, or resumed from a checkpoint written around a validation, samples the
+        # same training rollouts.
         self._setup_rollout()
+        self._train_sampler_state = self.rollout.state_dict()
+        self.rollout.reseed(self.hparams.seed + self.global_rank + 7919 * (self.global_step + 1))
+
+    def on_validation_end(self) -> None:
+        if self._train_sampler_state is not None:
+            self.rollout.load_state_dict(self._train_sampler_state)
+            self._train_sampler_state = None
 
     def _setup_rollout(self) -> None:
         self.rollout.setup(self.policy, self.processor, self.device, self.hparams.seed + self.global_rank)
@@ -201,32 +218,45 @@ class GRPOModule(LightningModule):
             return token_logprobs(model, hidden, sub.response_ids, with_entropy=with_entropy)
 
     def update(self, rollouts: Rollouts, plan: UpdatePlan, old_logp: torch.Tensor | None) -> LossStats:
-        """ppo_epochs x mini-batches of: log-probs -> loss -> backward -> clip -> step."""
+        """ppo_epochs x mini-batches of: (micro-batches of log-probs -> loss -> backward) -> clip -> step."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         stats = LossStats()
         for _ in range(self.hparams.ppo_epochs):
             for prompts in plan.minibatches():
-                rows = plan.rows(prompts)
-                logp, entropy = self.logprobs(self.policy, rollouts, prompts, with_entropy=True)
-                old = logp.detach() if old_logp is None else old_logp[rows]
-                loss, parts = self.loss(logp, old, entropy, rollouts, plan, prompts)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at step {self.global_step}, batch ids "
-                        f"{[rollouts.prompts.records[i]['id'] for i in prompts]}; last good checkpoint kept")
+                counts = self.global_counts(plan.mask[plan.rows(prompts)])  # one denominator per optimiser step
                 opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
+                step_loss = 0.0
+                for micro in plan.microbatches(prompts, self.hparams.micro_batch_prompts):
+                    rows = plan.rows(micro)
+                    logp, entropy = self.logprobs(self.policy, rollouts, micro, with_entropy=True)
+                    old = logp.detach() if old_logp is None else old_logp[rows]
+                    loss, parts = self.loss(logp, old, entropy, rollouts, plan, micro, counts)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss {loss.item()} at step {self.global_step}, batch ids "
+                            f"{[rollouts.prompts.records[i]['id'] for i in micro]}; last good checkpoint kept")
+                    self.manual_backward(loss)
+                    step_loss += float(loss.detach())
+                    stats.add_parts(parts, entropy, plan.mask[rows])
                 stats.grad_norm.append(self.clip_gradients_norm(opt))
                 opt.step()
-                stats.add(loss, parts, entropy, plan.mask[rows])
+                stats.losses.append(step_loss)
         sched.step()
         return stats
 
-    def loss(self, logp, old_logp, entropy, rollouts: Rollouts, plan: UpdatePlan, prompts):
-        """Policy loss + KL + entropy bonus, aggregated over this mini-batch's tokens."""
+    def loss(self, logp, old_logp, entropy, rollouts: Rollouts, plan: UpdatePlan, prompts,
+             counts: tuple[float, float]):
+        """Policy loss (+ sampler correction, KL, entropy bonus) of some prompts' responses, aggregated with the
+        optimiser step's global token/sequence counts so that micro-batches and ranks add up to one loss."""
         rows = plan.rows(prompts)
         mask, adv = plan.mask[rows], plan.advantages[rows]
         token_loss, parts = self.policy_loss(logp, old_logp, adv, mask)
+        if rollouts.logprobs is not None:  # an engine with its own weights (vLLM): truncated importance sampling
+            from modules.vllm_engine import tis_weights
+
+            weights, gap = tis_weights(old_logp, rollouts.logprobs[rows], mask, getattr(self.rollout, "tis_cap", None))
+            token_loss = token_loss * weights
+            parts["logprob_diff"] = gap
         if self.kl.enabled:
             with torch.no_grad():
                 ref_logp, _ = self.logprobs(self.ref_policy, rollouts, prompts)
@@ -235,8 +265,7 @@ class GRPOModule(LightningModule):
             parts["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
         if self.hparams.entropy_coef:
             token_loss = token_loss - self.hparams.entropy_coef * entropy
-        global_tokens, global_seqs = self.global_counts(mask)
-        loss = self.aggregation(token_loss, mask, global_tokens, global_seqs) * self.trainer.world_size
+        loss = self.aggregation(token_loss, mask, counts[0], counts[1]) * self.trainer.world_size
         return loss, parts
 
     def global_counts(self, mask: torch.Tensor) -> tuple[float, float]:
@@ -289,10 +318,13 @@ class GRPOModule(LightningModule):
 
     # -- checkpoint state -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rollout_engine"] = self.rollout.state_dict()
+        # the training sampler's state, also when saved during validation or before the restored state is applied
+        state = self._train_sampler_state or self._rollout_state
+        checkpoint["rollout_engine"] = state if state is not None else self.rollout.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        check_compatible(policy_state(checkpoint), self.policy, "the checkpoint being resumed")
         self._rollout_state = checkpoint.get("rollout_engine")
 
 
@@ -306,4 +338,5 @@ def rollouts_subset(rollouts: Rollouts, prompts: list[int]) -> Rollouts:
     rows = [p * g + j for p in prompts for j in range(g)]
     return Rollouts(prompts=select_prompts(rollouts.prompts, prompts), response_ids=rollouts.response_ids[rows],
                     response_mask=rollouts.response_mask[rows], truncated=rollouts.truncated[rows],
-                    texts=[rollouts.texts[r] for r in rows], group_size=g)
+                    texts=[rollouts.texts[r] for r in rows], group_size=g,
+                    logprobs=None if rollouts.logprobs is None else rollouts.logprobs[rows])

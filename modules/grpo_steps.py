@@ -93,6 +93,12 @@ class UpdatePlan:
         m = self.mini_batch_prompts
         return [list(range(s, min(s + m, self.num_prompts))) for s in range(0, self.num_prompts, m)]
 
+    @staticmethod
+    def microbatches(prompts: list[int], size: int | None) -> list[list[int]]:
+        """Split a mini-batch's prompts into micro-batches of `size` prompts (None: one micro-batch)."""
+        size = size or len(prompts)
+        return [prompts[s:s + size] for s in range(0, len(prompts), size)]
+
     def rows(self, prompts: list[int]) -> list[int]:
         g = self.group_size
         return [p * g + j for p in prompts for j in range(g)]
@@ -106,8 +112,7 @@ class LossStats:
     entropy_sum: float = 0.0
     entropy_tokens: float = 0.0
 
-    def add(self, loss: torch.Tensor, parts: dict, entropy: torch.Tensor | None, mask: torch.Tensor) -> None:
-        self.losses.append(float(loss.detach()))
+    def add_parts(self, parts: dict, entropy: torch.Tensor | None, mask: torch.Tensor) -> None:
         for k, v in parts.items():
             self.parts.setdefault(k, []).append(float(v))
         if entropy is not None:
@@ -143,6 +148,8 @@ def step_metrics(rollouts: Rollouts, scores: GroupScores, stats: LossStats, t_ro
         m["train/clip_frac"] = _mean(stats.parts["clip_frac"])
     if "kl" in stats.parts:
         m["train/kl"] = _mean(stats.parts["kl"])
+    if "logprob_diff" in stats.parts:
+        m["rollout/logprob_diff"] = _mean(stats.parts["logprob_diff"])
     return m
 
 
