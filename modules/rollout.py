@@ -29,6 +29,9 @@ class RolloutEngine:
     def sync_weights(self, model: nn.Module) -> None:
         """Called after each optimiser step; engines that hold their own copy of the weights refresh it."""
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sampler's randomness from `seed` (validation samples from its own stream)."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -92,6 +95,10 @@ class HFRolloutEngine(RolloutEngine):
                                             skip_special_tokens=True)
         return Rollouts(prompts=batch, response_ids=ids, response_mask=mask, truncated=truncated,
                         texts=texts, group_size=group_size)
+
+    def reseed(self, seed: int) -> None:
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
 
     def state_dict(self) -> dict:
         return {} if self.generator is None else {"generator": self.generator.get_state()}
