@@ -125,10 +125,8 @@ class CheckpointSelectionCallback(Callback):
 
     def export(self, pl_module: LightningModule, picked: CheckpointCandidate) -> Path:
         """Load the picked weights into ``pl_module`` and write its policy as a Hugging Face folder."""
-        # weights_only=False: Lightning checkpoints hold plain Python objects (hparams, loop state) that the
-        # safe unpickler refuses. Safe here only because this run wrote the file itself in on_validation_end;
-        # never load files from elsewhere this way.
-        ckpt = torch.load(picked.path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data, never code (this app's checkpoints hold only tensors and plain types)
+        ckpt = torch.load(picked.path, map_location="cpu", weights_only=True)
         pl_module.load_state_dict(ckpt["state_dict"])
         out = export_hf(pl_module.policy, pl_module.processor, self.export_dir)
         rank_zero_info(f"exported picked checkpoint (step {picked.step}) to {out}")

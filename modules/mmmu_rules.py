@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from modules.answer import last_boxed
+
 DISCIPLINES: dict[str, tuple[str, ...]] = {
     "Art & Design": ("Art", "Art_Theory", "Design", "Music"),
     "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
@@ -106,19 +108,13 @@ def last_boxed_content(text: str) -> str | None:
     A trailing unclosed box is skipped (the previous balanced one counts). One level of ``\\text{}``-style
     wrapping around the whole content is removed so ``\\boxed{\\text{B}}`` reads as ``B``.
     """
-    start = text.rfind(_BOXED)
-    while start != -1:
-        depth, pos = 1, start + len(_BOXED)
-        while pos < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[pos], 0)
-            pos += 1
-        if depth == 0:
-            content = text[start + len(_BOXED) : pos - 1].strip()
-            while (m := _WRAPPERS.match(content)) is not None:
-                content = m.group(1).strip()
-            return content
-        start = text.rfind(_BOXED, 0, start)
-    return None
+    content = last_boxed(text)  # one linear scan (modules.answer), safe on thousands of unclosed boxes
+    if content is None:
+        return None
+    content = content.strip()
+    while (m := _WRAPPERS.match(content)) is not None:
+        content = m.group(1).strip()
+    return content
 
 
 def reasoning_answer_text(response: str, think_prefilled: bool = True) -> str | None:

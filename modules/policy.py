@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from datamodules.types import PromptBatch
 from modules.entropy import entropy_from_logits
@@ -242,15 +243,24 @@ def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                    with_entropy: bool = False, chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) [N, R] (and entropy [N, R], nats) from hidden [N, R, H], lm_head applied chunk by chunk.
 
-    Entropy goes through `entropy_from_logits`, which is exact (not NaN) where some logits are -inf.
+    With gradients on, each chunk is recomputed in the backward pass (activation checkpointing), so autograd keeps
+    only the hidden states, never the [N, chunk, V] logits of every chunk: at a 150k vocabulary and thousands of
+    response tokens those logits would dominate memory. Entropy goes through `entropy_from_logits`, which is exact
+    (not NaN) where some logits are -inf.
     """
-    logps, ents = [], []
-    for s in range(0, hidden.shape[1], chunk):
-        logits = model.lm_head(hidden[:, s:s + chunk]).float()  # [N, c, V]
+
+    def one_chunk(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model.lm_head(h).float()  # [N, c, V]
         if temperature > 0 and temperature != 1.0:
             logits = logits / temperature
-        lse = logits.logsumexp(-1)  # [N, c]
-        logps.append(logits.gather(-1, targets[:, s:s + chunk, None]).squeeze(-1) - lse)
-        if with_entropy:
-            ents.append(entropy_from_logits(logits))
+        logp = logits.gather(-1, t[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [N, c]
+        return logp, (entropy_from_logits(logits) if with_entropy else logp.new_zeros(()))
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    logps, ents = [], []
+    for s in range(0, hidden.shape[1], chunk):
+        h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+        logp, ent = checkpoint(one_chunk, h, t, use_reentrant=False) if recompute else one_chunk(h, t)
+        logps.append(logp)
+        ents.append(ent)
     return torch.cat(logps, 1), (torch.cat(ents, 1) if with_entropy else None)

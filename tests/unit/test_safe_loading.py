@@ -18,10 +18,7 @@ from modules.loading import load_vlm
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for d in ("app", "modules", "datamodules", "callbacks") for p in (ROOT / d).rglob("*.py"))
-KNOWN_UNSAFE = {  # owner to fix; strict xfail turns into a failure once fixed, so the mark gets removed
-    "callbacks/checkpoint_selection.py": "torch.load(weights_only=False) of its own checkpoint; weights_only=True "
-                                         "loads this app's Lightning checkpoints (tests/integration/test_resume.py)",
-}
+KNOWN_UNSAFE: dict[str, str] = {}  # path -> reason; a strict xfail turns into a failure once fixed
 
 
 def _unsafe_calls(path: Path) -> list[str]:
