@@ -39,7 +39,7 @@ def _summary(acc: torch.Tensor, fmt: torch.Tensor, lengths: torch.Tensor, diffic
 
 @torch.no_grad()
 def evaluate(model_dir: str, data: str | list[str], samples: int = 1, temperature: float = 0.0,
-             max_new_tokens: int = 96, limit: int | None = None, batch_size: int = 32, seed: int = 0,
+             max_new_tokens: int = 128, limit: int | None = None, batch_size: int = 32, seed: int = 0,
              model: torch.nn.Module | None = None, processor=None) -> dict:
     """Accuracy and format of `samples` responses per held-out prompt (temperature 0 = greedy)."""
     if model is None:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("data", help="file, folder or glob of prompt-schema files (held-out split)")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
