@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lightning import LightningModule
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning import LightningModule
 
 from datamodules.vlm_datamodule import VLMDataModule
 

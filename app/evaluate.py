@@ -25,7 +25,7 @@ def _summary(acc: torch.Tensor, fmt: torch.Tensor, lengths: torch.Tensor, diffic
     per_item = acc.mean(1)  # [N]
     n = per_item.numel()
     by_level: dict[str, list[float]] = defaultdict(list)
-    for d, a in zip(difficulty, per_item.tolist()):
+    for d, a in zip(difficulty, per_item.tolist(), strict=True):
         by_level[str(d)].append(a)
     return {
         "accuracy": float(per_item.mean()),

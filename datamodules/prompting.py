@@ -97,7 +97,7 @@ class PromptCollator:
         prompt's images G times, or to share them across a group).
         """
         encs = []
-        for text, ims in zip(texts, images):
+        for text, ims in zip(texts, images, strict=True):
             enc = self.processor(text=[text], images=ims or None, return_tensors="pt")
             encs.append(dict(enc))
         pad_id = self.tokenizer.pad_token_id
@@ -130,7 +130,7 @@ class PromptCollator:
         labels = None
         if self.mode == "sft":
             targets = [self._target(r) for r in records]
-            enc = self.encode([t + y for t, y in zip(texts, targets)], images)
+            enc = self.encode([t + y for t, y in zip(texts, targets, strict=True)], images)
             labels = self._labels(enc, texts, images)
         else:
             enc = self.encode(texts, images)
@@ -149,7 +149,7 @@ class PromptCollator:
         """-100 everywhere but the reply: prompt lengths come from encoding the prompts alone."""
         ids, mask = enc["input_ids"], enc["attention_mask"]
         labels = torch.full_like(ids, -100)
-        for i, (text, ims) in enumerate(zip(texts, images)):
+        for i, (text, ims) in enumerate(zip(texts, images, strict=True)):
             prompt_len = int(self.encode([text], [ims])["attention_mask"].sum())
             total = int(mask[i].sum())
             start = ids.shape[1] - total + prompt_len  # left padding: real tokens sit at the end

@@ -16,14 +16,29 @@ import time
 from typing import Any
 
 import torch
-from lightning import LightningModule
 from jsonargparse import lazy_instance
+from lightning import LightningModule
 
 from datamodules.types import PromptBatch, Rollouts
 from modules.advantages import AdvantageEstimator, GRPOAdvantage, zero_std_mask
-from modules.common import build_optimizer, check_compatible, policy_state, fresh, load_policy, total_training_steps, validate_model_path, warmup_cosine
-from modules.grpo_steps import (GroupScores, LossStats, Overlong, UpdatePlan, apply_overlong_penalty,
-                                score_rollouts)
+from modules.common import (
+    build_optimizer,
+    check_compatible,
+    fresh,
+    load_policy,
+    policy_state,
+    total_training_steps,
+    validate_model_path,
+    warmup_cosine,
+)
+from modules.grpo_steps import (
+    GroupScores,
+    LossStats,
+    Overlong,
+    UpdatePlan,
+    apply_overlong_penalty,
+    score_rollouts,
+)
 from modules.losses import KLPenalty, LossAggregation, PPOClipLoss, TokenMean
 from modules.policy import response_hidden, token_logprobs
 from modules.rewards import Reward

@@ -25,7 +25,7 @@ def score_rollouts(rewards, rollouts: Rollouts) -> GroupScores:
                                    for k, v in components.items()})
 
 
-def apply_overlong_penalty(scores: GroupScores, rollouts: Rollouts, overlong: "Overlong",
+def apply_overlong_penalty(scores: GroupScores, rollouts: Rollouts, overlong: Overlong,
                            max_len: int) -> GroupScores:
     """Subtract the soft length penalty (when configured) from the total reward: [B, G]."""
     penalty = overlong.reward_penalty(rollouts.response_mask.sum(1).cpu(), max_len).view_as(scores.total)

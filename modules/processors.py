@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 
 from transformers import AutoProcessor, InternVLConfig, Qwen2_5_VLConfig
-from transformers.processing_utils import ProcessorMixin
 from transformers.models.internvl.processing_internvl import InternVLProcessor
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 
 class InternVLImageProcessorOnly(InternVLProcessor):

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from lightning import LightningModule
 
 from datamodules.types import PromptBatch
-from modules.common import build_optimizer, check_compatible, policy_state, load_policy, total_training_steps, validate_model_path, warmup_cosine
+from modules.common import (
+    build_optimizer,
+    check_compatible,
+    load_policy,
+    policy_state,
+    total_training_steps,
+    validate_model_path,
+    warmup_cosine,
+)
 from modules.policy import positions
 
 ALL_PARTS = ["vision", "connector", "language_model", "lm_head"]
