@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.make_data import write_dataset
+from callbacks.rollout_samples import RolloutSamplesCallback
 from datamodules.vlm_datamodule import VLMDataModule
 from modules.grpo_module import GRPOModule
 from modules.loading import load_vlm, part_modules
@@ -73,7 +74,8 @@ def test_tiny_grpo_fit_moves_trainable_parts_only_and_logs(assets, tmp_path):
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, val_check_interval=1, limit_val_batches=1,
                       num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
                       log_every_n_steps=1, use_distributed_sampler=False,
-                      logger=TensorBoardLogger(str(tmp_path), name="tb"))
+                      logger=TensorBoardLogger(str(tmp_path), name="tb"),
+                      callbacks=[RolloutSamplesCallback(every_n_steps=1, num_prompts=1)])
     before, _ = load_vlm(model_dir)
     trainer.fit(module, datamodule=data)
 
@@ -91,6 +93,31 @@ def test_tiny_grpo_fit_moves_trainable_parts_only_and_logs(assets, tmp_path):
     missing = [t for t in REQUIRED_TAGS if t not in tags]
     assert not missing, f"missing TensorBoard tags: {missing}"
     assert "train/reward/odd_length" in tags
+    ea = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)[0])
+    ea.Reload()
+    assert "rollouts/sample_0/text_summary" in ea.Tags()["tensors"]  # question, response, answer, reward
+    assert "rollouts/image_0" in ea.Tags()["images"]
+
+
+class NaNReward(Reward):
+    """A broken reward plug-in: NaN rewards give a NaN loss, which must stop the run."""
+
+    name = "nan"
+
+    def score_one(self, response: str, record: dict) -> float:
+        return float("nan")
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_step_and_ids(assets, tmp_path):
+    root, model_dir = assets
+    module = GRPOModule(model_path=str(model_dir), group_size=2, rollout=HFRolloutEngine(max_new_tokens=4),
+                        rewards=[NaNReward()], reward_weights=[1.0])
+    data = VLMDataModule(str(root / "data" / "train-*.parquet"), processor_path=str(model_dir), batch_size=2)
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* step 0, batch ids \['train-"):
+        trainer.fit(module, datamodule=data)
 
 
 @pytest.mark.slow
