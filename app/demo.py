@@ -5,8 +5,9 @@
    starting from the previous stage's export;
 3. scores every stage's export on the held-out split and prints a table, with the TensorBoard command.
 
-The cold-start traces are imperfect on purpose (`--trace-error-rate`): a share of them miscount by one, a policy
-error that RL can find and fix from rewards alone (see README, "Recipe evidence").
+The cold-start traces are imperfect on purpose (`--trace-error-rate`, `--trace-error-kind`): in half of them the
+reasoning is right but the boxed answer is off by one, a policy error that RL can find and fix from rewards alone
+(see README, "Recipe evidence").
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("sft", "grpo", "connector")
 
 
-def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_train: int, seed: int) -> None:
+def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_train: int, seed: int,
+                  trace_error_kind: str = "answer") -> None:
     """Create the tiny model and the data unless they exist already."""
     from app.make_data import write_dataset, write_split
     from modules.tiny import make_tiny
@@ -33,7 +35,8 @@ def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_tr
         make_tiny(model_dir, "internvl", seed=seed)
     if not (data_dir / "meta.json").exists():
         print(f"generating synthetic data in {data_dir}")
-        write_dataset(data_dir, n_train=n_train, n_val=600, seed=seed, trace_error_rate=trace_error_rate)
+        write_dataset(data_dir, n_train=n_train, n_val=600, seed=seed, trace_error_rate=trace_error_rate,
+                      trace_error_kind=trace_error_kind)
         # stage 3 tunes on clean traces of other items (the paper: a separate multi-domain set)
         write_split(data_dir, "connector", 2000, seed)
 
@@ -89,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/demo", help="where the stages write logs, checkpoints and exports")
     ap.add_argument("--model-dir", default="artifacts/tiny-vlm")
     ap.add_argument("--data-dir", default="artifacts/data")
-    ap.add_argument("--trace-error-rate", type=float, default=0.5)
+    ap.add_argument("--trace-error-rate", type=float, default=0.5,
+                    help="share of cold-start traces with a deliberate error that RL can fix")
+    ap.add_argument("--trace-error-kind", choices=("answer", "count"), default="answer",
+                    help="answer: right reasoning, boxed answer off by one; count: the listing misses an object")
     ap.add_argument("--n-train", type=int, default=10000)
-    ap.add_argument("--eval-limit", type=int, default=200, help="held-out items scored per stage")
+    ap.add_argument("--eval-limit", type=int, default=150, help="held-out items scored per stage")
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per item at temperature 1.0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", nargs=3, type=int, metavar=("SFT", "GRPO", "CONNECTOR"), default=None,
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     t0 = time.time()
     out, model_dir, data_dir = Path(a.out), Path(a.model_dir), Path(a.data_dir)
-    ensure_assets(model_dir, data_dir, a.trace_error_rate, a.n_train, a.seed)
+    ensure_assets(model_dir, data_dir, a.trace_error_rate, a.n_train, a.seed, a.trace_error_kind)
     exports, prev = {}, model_dir
     for i, stage in enumerate(STAGES):
         overrides = [f"--seed_everything={a.seed}"]

@@ -73,6 +73,7 @@ def write_split(
     trace_error_rate: float = 0.0,
     n_shards: int | None = None,
     quiet: bool = False,
+    trace_error_kind: str = "count",
 ) -> dict[str, Any]:
     """Generate `n` rows of `split` shard by shard and write them; returns the split's stats for meta.json.
 
@@ -101,6 +102,7 @@ def write_split(
             cell,
             trace_error_rate,
             start=bounds[shard],
+            trace_error_kind=trace_error_kind,
         )
         name = shard_name(split, shard, k)
         write_rows(rows, out / name)
@@ -116,6 +118,7 @@ def write_split(
         "n": n,
         "files": files,
         "trace_error_rate": trace_error_rate,
+        "trace_error_kind": trace_error_kind,
         "trace_errors": stats["trace_errors"]["n"],
         **{
             key: dict(sorted(stats[key].items()))
@@ -134,6 +137,7 @@ def write_dataset(
     shard_size: int = 2000,
     trace_error_rate: float = 0.0,
     quiet: bool = False,
+    trace_error_kind: str = "count",
 ) -> dict[str, Any]:
     """Write train shards, one validation file and meta.json; returns the meta dict.
 
@@ -147,11 +151,13 @@ def write_dataset(
         "cell": cell,
         "shard_size": shard_size,
         "trace_error_rate": trace_error_rate,
+        "trace_error_kind": trace_error_kind,
     }
     common = {"seed": seed, "image_size": image_size, "cell": cell, "quiet": quiet}
     splits = {
         "train": write_split(
-            out_dir, "train", n_train, shard_size=shard_size, trace_error_rate=trace_error_rate, **common
+            out_dir, "train", n_train, shard_size=shard_size, trace_error_rate=trace_error_rate,
+            trace_error_kind=trace_error_kind, **common
         ),
         "validation": write_split(out_dir, "validation", n_val, n_shards=1, **common),
     }
@@ -186,6 +192,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="fraction of train traces that miss one object, so their boxed answer is wrong (default 0.0)",
     )
+    p.add_argument(
+        "--trace-error-kind",
+        choices=("count", "answer"),
+        default="count",
+        help="count: the listing misses an object; answer: right reasoning, boxed answer off by one",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
 
@@ -195,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     t0 = time.perf_counter()
     meta = write_dataset(
-        a.out_dir, a.n_train, a.n_val, a.seed, a.image_size, a.cell, a.shard_size, a.trace_error_rate, a.quiet
+        a.out_dir, a.n_train, a.n_val, a.seed, a.image_size, a.cell, a.shard_size, a.trace_error_rate, a.quiet,
+        a.trace_error_kind,
     )
     total = a.n_train + a.n_val
     dt = time.perf_counter() - t0

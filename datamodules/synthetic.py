@@ -358,6 +358,21 @@ def _meta(drawn: Drawn, task: str, difficulty: int, slip: bool) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
+TRACE_ERROR_KINDS = ("count", "answer")
+
+
+def misbox(solution: str, options: Sequence[str]) -> str:
+    """The same trace with its boxed answer off by one (next integer, or next option letter)."""
+    m = list(re.finditer(r"\\boxed\{([^{}]*)\}", solution))[-1]
+    value = m.group(1)
+    if options:
+        letters = "ABCDEFGHIJ"[: len(options)]
+        wrong = letters[(letters.index(value) + 1) % len(letters)]
+    else:
+        wrong = str(int(value) + 1)
+    return solution[: m.start(1)] + wrong + solution[m.end(1):]
+
+
 def make_item(
     index: int,
     seed: int,
@@ -366,8 +381,12 @@ def make_item(
     cell: int = 28,
     trace_error_rate: float = 0.0,
     render: bool = True,
+    trace_error_kind: str = "count",
 ) -> dict[str, Any]:
     """One schema row (README "Data schema"), plus `meta`. Images are HF Image structs {bytes, path}.
+
+    `trace_error_kind`: "count" (the listing misses an object, see the module docstring) or "answer" (the
+    reasoning is right but the boxed answer is off by one: the next number, or the next option letter).
 
     The row depends only on (index, seed, split, sizes, rate), so shards can be generated independently.
     With render=False the `images` list is empty (text only; used for tokenizer training text).
@@ -380,7 +399,11 @@ def make_item(
     task, difficulty = task_and_difficulty(index, seed, split)
     rng = np.random.default_rng([seed, _split_code(split), index])
     slip = bool(rng.random() < trace_error_rate)  # always drawn, so the rate never shifts the other draws
-    drawn = _BUILDERS[task](rng, difficulty, grid, slip)
+    if trace_error_kind not in TRACE_ERROR_KINDS:
+        raise ValueError(f"trace_error_kind {trace_error_kind!r}: choose one of {TRACE_ERROR_KINDS}")
+    drawn = _BUILDERS[task](rng, difficulty, grid, slip and trace_error_kind == "count")
+    if slip and trace_error_kind == "answer":
+        drawn.solution = misbox(drawn.solution, drawn.options)
     images = (
         [{"bytes": encode_png(render_image(s, image_size, cell)), "path": None} for s in drawn.scenes]
         if render
@@ -409,12 +432,14 @@ def generate_items(
     trace_error_rate: float = 0.0,
     start: int = 0,
     render: bool = True,
+    trace_error_kind: str = "count",
 ) -> list[dict[str, Any]]:
     """Rows `start` .. `start + n - 1` of a split (see `make_item`)."""
     if not 0.0 <= trace_error_rate <= 1.0:
         raise ValueError(f"trace_error_rate must be in [0, 1], got {trace_error_rate}")
     return [
-        make_item(i, seed, split, image_size, cell, trace_error_rate, render) for i in range(start, start + n)
+        make_item(i, seed, split, image_size, cell, trace_error_rate, render, trace_error_kind)
+        for i in range(start, start + n)
     ]
 
 

@@ -209,3 +209,18 @@ def test_bad_arguments_raise() -> None:
         generate_items(1, seed=0, image_size=56, cell=28)
     with pytest.raises(ValueError, match="trace_error_rate"):
         generate_items(1, seed=0, trace_error_rate=1.5)
+
+
+def test_answer_kind_slip_keeps_the_reasoning_and_moves_the_box():
+    """trace_error_kind="answer": same reasoning as the clean trace, boxed answer off by one, row answer right."""
+    from datamodules.synthetic import make_item
+
+    for i in range(25):  # one block: every task and difficulty
+        clean = make_item(i, 3, "train", trace_error_rate=0.0, render=False)
+        bad = make_item(i, 3, "train", trace_error_rate=1.0, render=False, trace_error_kind="answer")
+        assert bad["answer"] == clean["answer"]
+        assert bad["solution"].split("</think>")[0] == clean["solution"].split("</think>")[0]
+        boxed = bad["solution"].rsplit("\\boxed{", 1)[1].split("}")[0]
+        assert boxed != clean["answer"]
+        if not clean["options"]:
+            assert int(boxed) == int(clean["answer"]) + 1
