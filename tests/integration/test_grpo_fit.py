@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from app.make_data import write_dataset
 from callbacks.rollout_samples import RolloutSamplesCallback
 from datamodules.vlm_datamodule import VLMDataModule
+from modules.advantages import GRPOAdvantage
 from modules.grpo_module import GRPOModule
 from modules.loading import load_vlm, part_modules
 from modules.rewards import Reward
@@ -99,20 +100,18 @@ def test_tiny_grpo_fit_moves_trainable_parts_only_and_logs(assets, tmp_path):
     assert "rollouts/image_0" in ea.Tags()["images"]
 
 
-class NaNReward(Reward):
-    """A broken reward plug-in: NaN rewards give a NaN loss, which must stop the run."""
+class NaNAdvantage(GRPOAdvantage):
+    """A broken advantage plug-in (rewards themselves are guarded: a NaN reward scores 0): NaN loss must stop."""
 
-    name = "nan"
-
-    def score_one(self, response: str, record: dict) -> float:
-        return float("nan")
+    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(rewards, float("nan"))
 
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_ids(assets, tmp_path):
     root, model_dir = assets
     module = GRPOModule(model_path=str(model_dir), group_size=2, rollout=HFRolloutEngine(max_new_tokens=4),
-                        rewards=[NaNReward()], reward_weights=[1.0])
+                        advantage=NaNAdvantage())
     data = VLMDataModule(str(root / "data" / "train-*.parquet"), processor_path=str(model_dir), batch_size=2)
     trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0)
