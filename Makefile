@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo bench bench-recipe bench-curriculum lint clean
+.PHONY: install test test-fast demo bench bench-recipe bench-curriculum bench-entropy lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-recipe: $(STAMP)
 
 bench-curriculum: $(STAMP)
 	$(BIN)/python -m bench.curriculum
+
+bench-entropy: $(STAMP)
+	$(BIN)/python -m bench.entropy
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check app modules datamodules callbacks tests bench
