@@ -6,15 +6,14 @@ module only decides where each image goes and which tokens the SFT loss sees.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
+from datamodules.schema import LETTERS
+from datamodules.schema import MARKER_RE as MARKER
 from datamodules.types import PromptBatch, PromptRecord
 
-MARKER = re.compile(r"<image(?:\s+(\d+))?>")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DEFAULT_INSTRUCTION = "Think step by step, then give the final answer in \\boxed{}."
 MC_INSTRUCTION = "Think step by step, then give the letter of the correct option in \\boxed{}."
 

@@ -347,10 +347,10 @@ def rollouts_subset(rollouts: Rollouts, prompts: list[int]) -> Rollouts:
     """The rollouts of some prompts (whole groups), vision tensors included."""
     if len(prompts) == rollouts.num_prompts:
         return rollouts
-    from modules.grpo_steps import select_prompts
+    from modules.grpo_steps import group_rows, select_prompts
 
     g = rollouts.group_size
-    rows = [p * g + j for p in prompts for j in range(g)]
+    rows = group_rows(prompts, g)
     return Rollouts(prompts=select_prompts(rollouts.prompts, prompts), response_ids=rollouts.response_ids[rows],
                     response_mask=rollouts.response_mask[rows], truncated=rollouts.truncated[rows],
                     texts=[rollouts.texts[r] for r in rows], group_size=g,

@@ -61,6 +61,11 @@ class Overlong:
         return self.penalty * over / max(1, self.buffer)
 
 
+def group_rows(prompts: list[int], group_size: int) -> list[int]:
+    """Response rows of some prompts: prompt p owns rows p*G .. p*G + G - 1."""
+    return [p * group_size + j for p in prompts for j in range(group_size)]
+
+
 @dataclass
 class UpdatePlan:
     """Which tokens train, with which advantage, in which mini-batches."""
@@ -100,8 +105,7 @@ class UpdatePlan:
         return [prompts[s:s + size] for s in range(0, len(prompts), size)]
 
     def rows(self, prompts: list[int]) -> list[int]:
-        g = self.group_size
-        return [p * g + j for p in prompts for j in range(g)]
+        return group_rows(prompts, self.group_size)
 
 
 @dataclass
