@@ -7,6 +7,7 @@ the same tokens as an uninterrupted one. `modules.vllm_engine.VLLMRolloutEngine`
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 
 from datamodules.types import PromptBatch, Rollouts
 from modules.policy import SamplingParams, sample
+
+log = logging.getLogger(__name__)
 
 
 class RolloutEngine:
@@ -55,6 +58,7 @@ class HFRolloutEngine(RolloutEngine):
         self.params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.share_prompt = share_prompt
         self.generator: torch.Generator | None = None
+        self._pending_state: tuple[torch.Tensor, str] | None = None  # from a checkpoint, until `setup`
         self.tokenizer = None
 
     @property
@@ -63,12 +67,12 @@ class HFRolloutEngine(RolloutEngine):
 
     def setup(self, model: nn.Module, processor: Any, device: torch.device, seed: int) -> None:
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        if self.generator is None or self.generator.device != torch.device(device):
-            state = None if self.generator is None else self.generator.get_state()
+        device = torch.device(device)
+        if self.generator is None or self.generator.device.type != device.type:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed)
-            if state is not None and torch.device(device).type == "cpu":
-                self.generator.set_state(state)
+        if self._pending_state is not None:  # restored before the generator moved to this device
+            self._restore(*self._pending_state)
 
     def eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -101,10 +105,23 @@ class HFRolloutEngine(RolloutEngine):
             self.generator.manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {} if self.generator is None else {"generator": self.generator.get_state()}
+        if self.generator is None:
+            return {}
+        return {"generator": self.generator.get_state(), "device": self.generator.device.type}
 
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
-            if self.generator is None:
-                self.generator = torch.Generator()
-            self.generator.set_state(state["generator"])
+            self._pending_state = (state["generator"], state.get("device", "cpu"))
+            if self.generator is not None and self.generator.device.type == self._pending_state[1]:
+                self._restore(*self._pending_state)
+
+    def _restore(self, rng_state: torch.Tensor, device_type: str) -> None:
+        """Continue the saved random stream. A CPU state cannot seed a CUDA generator (nor the reverse): a run
+        resumed on another kind of device restarts sampling from the seed, and says so."""
+        self._pending_state = None
+        if self.generator.device.type == device_type:
+            self.generator.set_state(rng_state)
+        else:
+            log.warning("the rollout RNG state was saved on %s but sampling now runs on %s: it restarts from the "
+                        "seed, so this resumed run will not repeat an uninterrupted one exactly", device_type,
+                        self.generator.device.type)

@@ -322,3 +322,31 @@ def test_token_logprobs_temperature_and_banned_tokens():
     allowed = torch.softmax(logits[..., :4] / 0.7, -1)
     torch.testing.assert_close(ent, -(allowed * allowed.log()).sum(-1))
     torch.testing.assert_close(ent, entropy_from_logits(logits / 0.7))
+
+
+def test_rollout_engine_state_resumes_the_stream_and_refuses_a_foreign_device_state(loaded, caplog):
+    """A restored engine samples what the original would have sampled next; a state saved on another kind of
+    device (a CUDA run resumed on CPU) cannot seed this generator: sampling restarts from the seed, with a warning."""
+    from modules.rollout import HFRolloutEngine
+
+    model, processor, batch = loaded("internvl")
+    first = HFRolloutEngine(max_new_tokens=6)
+    first.setup(model, processor, torch.device("cpu"), seed=3)
+    first.generate(model, batch, 2)
+    state = first.state_dict()
+    assert state["device"] == "cpu"
+    expected = first.generate(model, batch, 2).response_ids
+
+    resumed = HFRolloutEngine(max_new_tokens=6)
+    resumed.setup(model, processor, torch.device("cpu"), seed=99)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.generate(model, batch, 2).response_ids, expected)
+
+    restart = HFRolloutEngine(max_new_tokens=6)
+    restart.load_state_dict({**state, "device": "cuda"})  # before setup: kept until the generator exists
+    with caplog.at_level("WARNING", logger="modules.rollout"):
+        restart.setup(model, processor, torch.device("cpu"), seed=3)
+    assert "restarts from the seed" in caplog.text
+    fresh = HFRolloutEngine(max_new_tokens=6)
+    fresh.setup(model, processor, torch.device("cpu"), seed=3)
+    assert torch.equal(restart.generate(model, batch, 2).response_ids, fresh.generate(model, batch, 2).response_ids)
