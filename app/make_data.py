@@ -196,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trace-error-kind",
         choices=("count", "answer"),
         default="count",
-        help="count: the listing misses an object; answer: right reasoning, boxed answer off by one",
+        help="count: the listing misses an object; answer: right reasoning, boxed answer off by two",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)

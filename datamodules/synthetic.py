@@ -361,15 +361,19 @@ def _meta(drawn: Drawn, task: str, difficulty: int, slip: bool) -> str:
 TRACE_ERROR_KINDS = ("count", "answer")
 
 
+MISBOX_SHIFT = 2  # not 1: a tiny model's counts are often one short, and a +1 box would then be right by accident,
+#                  rewarding the error in RL as often as the fix (measured: GRPO gained nothing on T=1 accuracy)
+
+
 def misbox(solution: str, options: Sequence[str]) -> str:
-    """The same trace with its boxed answer off by one (next integer, or next option letter)."""
+    """The same trace with its boxed answer off by two (integer + 2, or the option letter two further on)."""
     m = list(re.finditer(r"\\boxed\{([^{}]*)\}", solution))[-1]
     value = m.group(1)
     if options:
         letters = "ABCDEFGHIJ"[: len(options)]
-        wrong = letters[(letters.index(value) + 1) % len(letters)]
+        wrong = letters[(letters.index(value) + MISBOX_SHIFT) % len(letters)]
     else:
-        wrong = str(int(value) + 1)
+        wrong = str(int(value) + MISBOX_SHIFT)
     return solution[: m.start(1)] + wrong + solution[m.end(1):]
 
 
@@ -386,7 +390,7 @@ def make_item(
     """One schema row (README "Data schema"), plus `meta`. Images are HF Image structs {bytes, path}.
 
     `trace_error_kind`: "count" (the listing misses an object, see the module docstring) or "answer" (the
-    reasoning is right but the boxed answer is off by one: the next number, or the next option letter).
+    reasoning is right but the boxed answer is off by two: the number + 2, or the option letter two further on).
 
     The row depends only on (index, seed, split, sizes, rate), so shards can be generated independently.
     With render=False the `images` list is empty (text only; used for tokenizer training text).

@@ -212,7 +212,7 @@ def test_bad_arguments_raise() -> None:
 
 
 def test_answer_kind_slip_keeps_the_reasoning_and_moves_the_box():
-    """trace_error_kind="answer": same reasoning as the clean trace, boxed answer off by one, row answer right."""
+    """trace_error_kind="answer": same reasoning as the clean trace, boxed answer off by two, row answer right."""
     from datamodules.synthetic import make_item
 
     for i in range(25):  # one block: every task and difficulty
@@ -223,4 +223,4 @@ def test_answer_kind_slip_keeps_the_reasoning_and_moves_the_box():
         boxed = bad["solution"].rsplit("\\boxed{", 1)[1].split("}")[0]
         assert boxed != clean["answer"]
         if not clean["options"]:
-            assert int(boxed) == int(clean["answer"]) + 1
+            assert int(boxed) == int(clean["answer"]) + 2
