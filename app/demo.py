@@ -6,7 +6,7 @@
 3. scores every stage's export on the held-out split and prints a table, with the TensorBoard command.
 
 The cold-start traces are imperfect on purpose (`--trace-error-rate`, `--trace-error-kind`): in half of them the
-reasoning is right but the boxed answer is off by one, a policy error that RL can find and fix from rewards alone
+reasoning is right but the boxed answer is off by two, a policy error that RL can find and fix from rewards alone
 (see README, "Recipe evidence").
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +43,14 @@ def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_tr
 
 
 def run_stage(stage: str, model_path: Path, data_dir: Path, out: Path, overrides: list[str]) -> Path:
-    """One `python -m app fit` in a child process (its progress bar shows); returns the stage's export."""
+    """One `python -m app fit` in a child process (its progress bar shows); returns the stage's export.
+
+    A stage whose export is already there (an earlier, interrupted `make demo`) is not run again: delete
+    `<out>/<stage>` (or pass `--fresh`) to redo it."""
+    export = out / stage / "export"
+    if (export / "config.json").exists():
+        print(f"\n=== stage {stage}: {export} exists, skipping (delete it, or pass --fresh, to run it again)", flush=True)
+        return export
     train = "connector-*.parquet" if stage == "connector" else "train-*.parquet"
     cmd = [sys.executable, "-m", "app", "fit", "--config", str(ROOT / f"configs/tiny/{stage}.yaml"),
            "--model.init_args.model_path", str(model_path),
@@ -51,7 +59,7 @@ def run_stage(stage: str, model_path: Path, data_dir: Path, out: Path, overrides
            *overrides]
     print(f"\n=== stage {stage}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return out / stage / "export"
+    return export
 
 
 def score(exports: dict[str, Path], data_dir: Path, limit: int, samples: int) -> dict[str, dict]:
@@ -95,15 +103,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-error-rate", type=float, default=0.5,
                     help="share of cold-start traces with a deliberate error that RL can fix")
     ap.add_argument("--trace-error-kind", choices=("answer", "count"), default="answer",
-                    help="answer: right reasoning, boxed answer off by one; count: the listing misses an object")
+                    help="answer: right reasoning, boxed answer off by two; count: the listing misses an object")
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--eval-limit", type=int, default=150, help="held-out items scored per stage")
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per item at temperature 1.0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="run every stage again, even those already exported")
     ap.add_argument("--steps", nargs=3, type=int, metavar=("SFT", "GRPO", "CONNECTOR"), default=None,
                     help="override the step budget of each stage")
     a = ap.parse_args(argv)
     t0 = time.time()
+    if a.fresh and Path(a.out).exists():
+        for stage in STAGES:
+            shutil.rmtree(Path(a.out) / stage, ignore_errors=True)
     out, model_dir, data_dir = Path(a.out), Path(a.model_dir), Path(a.data_dir)
     ensure_assets(model_dir, data_dir, a.trace_error_rate, a.n_train, a.seed, a.trace_error_kind)
     exports, prev = {}, model_dir
