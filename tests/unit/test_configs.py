@@ -56,3 +56,22 @@ def test_config_instantiates(path, tiny_model_dir, data_dir, tmp_path, monkeypat
     assert isinstance(cli.trainer, Trainer)
     assert all(isinstance(c, Callback) for c in cli.trainer.callbacks)
     assert cli.model.hparams.model_path == str(tiny_model_dir("internvl"))
+
+
+def test_bench_lean_overlay_replaces_probes_and_keeps_a_curriculum_overlay(tiny_model_dir, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """bench/grpo_lean.yaml (used by `make bench-curriculum`) drops validation and probes; a curriculum overlay
+    given after it still appends its callback."""
+    from callbacks.curriculum import CurriculumCallback
+    from callbacks.export import ExportCallback
+
+    monkeypatch.chdir(tmp_path)
+    args = [a for f in ("configs/tiny/grpo.yaml", "bench/grpo_lean.yaml", "configs/curriculum/pass_rate.yaml")
+            for a in ("--config", str(ROOT / f))]
+    args += ["--model.init_args.model_path", str(tiny_model_dir("internvl")),
+             "--data.train_files", str(data_dir / "train-*.parquet"), "--trainer.logger", "false"]
+    cli = cli_main(args=args, run=False)
+    kinds = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {"ModelCheckpoint", ExportCallback.__name__, CurriculumCallback.__name__} <= kinds
+    assert not kinds & {"CriticalEntropyCallback", "CheckpointSelectionCallback", "RolloutSamplesCallback"}
+    assert cli.datamodule.hparams.val_files is None and cli.trainer.limit_val_batches == 0
