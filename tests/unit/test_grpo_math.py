@@ -19,6 +19,7 @@ from modules.advantages import (
     RLOOAdvantage,
     grpo_advantages,
     rloo_advantages,
+    weight_negatives,
     zero_std_mask,
 )
 from modules.losses import (
@@ -443,3 +444,17 @@ def test_masked_mean() -> None:
     assert masked_mean(x, mask).item() == 1.5
     assert masked_mean(x, mask, dim=1).tolist() == [1.5, 0.0]
     assert masked_mean(x, mask, dim=0).tolist() == [1.0, 2.0, 0.0]
+
+
+def test_negative_weight_scales_only_below_average_responses() -> None:
+    # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) -> advantages ±0.5*sqrt(3) = ±0.8660
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    a = 0.5 * 3**0.5
+    plain = GRPOAdvantage(eps=0.0)(r)
+    torch.testing.assert_close(plain, torch.tensor([[a, -a, -a, a]], dtype=torch.float64))
+    weighted = GRPOAdvantage(eps=0.0, negative_weight=0.25)(r)
+    torch.testing.assert_close(weighted, torch.tensor([[a, -0.25 * a, -0.25 * a, a]], dtype=torch.float64))
+    assert torch.equal(weight_negatives(plain, 1.0), plain)
+    assert torch.equal(weight_negatives(plain, 0.0), plain.clamp(min=0))
+    with pytest.raises(ValueError, match="negative_weight"):
+        GRPOAdvantage(negative_weight=1.5)
