@@ -16,6 +16,7 @@ Everything in a `state_dict` is plain Python or tensors, so it survives `torch.l
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,12 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Sampler
+
+
+def run_seed(seed: int | None) -> int:
+    """`seed`, or when it is None the run's `seed_everything` value (Lightning exports it as PL_GLOBAL_SEED; 0 when
+    no seed was set), so that changing `seed_everything` changes the served order and the sampled rollouts too."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
 @dataclass

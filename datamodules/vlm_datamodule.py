@@ -17,7 +17,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.ordering import BatchServer, RowMeta
+from datamodules.ordering import BatchServer, RowMeta, run_seed
 from datamodules.prompting import PromptCollator
 from datamodules.schema import RowLimits, SkipCounter, check_skip_fraction, read_rows, validate_row
 from datamodules.types import PromptBatch, PromptRecord
@@ -86,7 +86,7 @@ class VLMDataModule(LightningDataModule):
         max_prompt_length: longest prompt (image tokens included) allowed; checked before the first step.
         max_length: longest prompt + reply in SFT mode.
         system_prompt: optional system message.
-        seed: seed of the served order.
+        seed: seed of the served order (None: the run's `seed_everything`).
         num_workers: DataLoader workers.
         max_skip_fraction: stop when more than this share of rows is invalid.
         preflight_sample: rows checked for length before training (0 = all).
@@ -95,7 +95,7 @@ class VLMDataModule(LightningDataModule):
     def __init__(self, train_files: str | list[str], val_files: str | list[str] | None = None,
                  processor_path: str | None = None, mode: str = "rl", batch_size: int = 4,
                  val_batch_size: int | None = None, val_limit: int | None = None, max_prompt_length: int = 512,
-                 max_length: int = 1024, system_prompt: str | None = None, seed: int = 0, num_workers: int = 0,
+                 max_length: int = 1024, system_prompt: str | None = None, seed: int | None = None, num_workers: int = 0,
                  max_skip_fraction: float = 0.01, preflight_sample: int = 64):
         super().__init__()
         if mode not in ("rl", "sft"):
@@ -133,7 +133,7 @@ class VLMDataModule(LightningDataModule):
             self._report("train", self.skips["train"], len(self.train_records))
             self.preflight(self.train_records)
             self.batch_server = BatchServer([RowMeta(r.id, r.difficulty) for r in self.train_records],
-                                            batch_size=h.batch_size, seed=h.seed + self._rank())
+                                            batch_size=h.batch_size, seed=run_seed(h.seed) + self._rank())
             if self._pending_state is not None:
                 self.batch_server.load_state_dict(self._pending_state)
                 self._pending_state = None

@@ -19,6 +19,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning import LightningModule
 
+from datamodules.ordering import run_seed
 from datamodules.types import PromptBatch, Rollouts
 from modules.advantages import AdvantageEstimator, GRPOAdvantage, zero_std_mask
 from modules.common import (
@@ -82,7 +83,7 @@ class GRPOModule(LightningModule):
         max_grad_norm: gradient clipping by global norm (0 = off).
         val_group_size: samples per validation prompt.
         val_temperature: sampling temperature at validation (0 = greedy).
-        seed: seed of the rollout sampler's random generator.
+        seed: seed of the rollout sampler's random generator (None: the run's `seed_everything`).
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class GRPOModule(LightningModule):
         max_grad_norm: float = 1.0,
         val_group_size: int = 1,
         val_temperature: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["rollout", "rewards", "advantage", "policy_loss", "aggregation", "kl",
@@ -181,7 +182,7 @@ class GRPOModule(LightningModule):
         # same training rollouts.
         self._setup_rollout()
         self._train_sampler_state = self.rollout.state_dict()
-        self.rollout.reseed(self.hparams.seed + self.global_rank + 7919 * (self.global_step + 1))
+        self.rollout.reseed(run_seed(self.hparams.seed) + self.global_rank + 7919 * (self.global_step + 1))
 
     def on_validation_end(self) -> None:
         if self._train_sampler_state is not None:
@@ -189,7 +190,7 @@ class GRPOModule(LightningModule):
             self._train_sampler_state = None
 
     def _setup_rollout(self) -> None:
-        self.rollout.setup(self.policy, self.processor, self.device, self.hparams.seed + self.global_rank)
+        self.rollout.setup(self.policy, self.processor, self.device, run_seed(self.hparams.seed) + self.global_rank)
         if self._rollout_state is not None:
             self.rollout.load_state_dict(self._rollout_state)
             self._rollout_state = None

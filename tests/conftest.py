@@ -12,8 +12,10 @@ from modules.tiny import FAMILIES
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
-    """Every test starts from the same torch RNG state, on one thread (the machine's cores are shared)."""
+def _seed_and_threads(monkeypatch):
+    """Every test starts from the same torch RNG state, on one thread (the machine's cores are shared), and with
+    no run seed left behind by an earlier test's `seed_everything` (components default to it)."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield

@@ -109,3 +109,24 @@ def test_fit_twice_into_the_same_folder(tiny_model_dir, tiny_data, tmp_path):
         saved = yaml.safe_load((log_dir / "config.yaml").read_text())
         assert saved["model"]["init_args"]["group_size"] == 2
         assert (log_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_seed_everything_reaches_the_served_order_and_the_rollout_sampler(tiny_model_dir, tiny_data, monkeypatch):
+    """`--seed_everything N` changes what is served and sampled (components with seed None follow it); an explicit
+    `data.seed` / `model.init_args.seed` still wins."""
+    from datamodules.ordering import run_seed
+
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+
+    def first_batch_and_seed(*extra: str) -> tuple[list[str], int]:
+        cli = cli_main([*tiny_args(tiny_model_dir, tiny_data), "--trainer.logger", "false", *extra], run=False)
+        cli.datamodule.setup("fit")
+        ids = [r["id"] for r in next(iter(cli.datamodule.train_dataloader())).records]
+        return ids, run_seed(cli.model.hparams.seed)  # what the rollout sampler is seeded with (+ rank)
+
+    ids0, s0 = first_batch_and_seed("--seed_everything", "0")
+    ids7, s7 = first_batch_and_seed("--seed_everything", "7")
+    assert (s0, s7) == (0, 7)
+    assert ids0 != ids7
+    pinned, s_pinned = first_batch_and_seed("--seed_everything", "7", "--data.seed", "0", "--model.init_args.seed", "0")
+    assert pinned == ids0 and s_pinned == 0
