@@ -8,7 +8,7 @@ the mean training reward of the last 10 steps. Prints mean ± standard deviation
 `staged` switches from normal to hard items halfway through the budget (`--staged-switch`, default steps // 2):
 the shipped overlay's step-100 switch would never fire in a short run.
 
-    python -m bench.curriculum [--sft runs/demo/sft/export] [--seeds 0 1 2] [--steps 60]
+    python -m bench.curriculum [--sft runs/demo/sft/export] [--seeds 0 1 2] [--steps 30] [--limit 150]
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sft", default="runs/demo/sft/export", help="cold-start export (run `make demo` first)")
     ap.add_argument("--data", default="artifacts/data")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--staged-switch", type=int, default=None, help="staged: switch step (default steps // 2)")
-    ap.add_argument("--limit", type=int, default=200, help="held-out items scored (2 samples each, T=1)")
+    ap.add_argument("--limit", type=int, default=150, help="held-out items scored (2 samples each, T=1)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--out", default="runs/bench-curriculum")
     a = ap.parse_args(argv)
