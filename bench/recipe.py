@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/bench-recipe")
-    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--eval-limit", type=int, default=150)
     a = ap.parse_args(argv)
     results = []
     for seed in a.seeds:
