@@ -6,8 +6,8 @@
 3. scores every stage's export on the held-out split and prints a table, with the TensorBoard command.
 
 The cold-start traces are imperfect on purpose (`--trace-error-rate`, `--trace-error-kind`): in half of them the
-reasoning is right but the boxed answer is off by two, a policy error that RL can find and fix from rewards alone
-(see README, "Recipe evidence").
+reasoning is right but the boxed answer is off by two, a policy error meant for RL to find and fix from rewards
+alone (README, "Recipe evidence", says how far it does).
 """
 
 from __future__ import annotations
