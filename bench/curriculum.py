@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.recipe import _fmt  # mean ± standard deviation over seeds, as in the recipe table
+
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("random", "easy_to_hard", "staged", "pass_rate")
 NORMAL, HARD = ("1", "2", "3"), ("4", "5")
@@ -74,10 +76,6 @@ def run_one(strategy: str, seed: int, sft: Path, data: Path, steps: int, out: Pa
     res_file.write_text(json.dumps(res, indent=2))
     print(f"    held-out accuracy {res['accuracy']:.3f}, train reward {res['train_reward_last10']:.3f}", flush=True)
     return res
-
-
-def _fmt(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
 
 def _group(r: dict, levels: tuple[str, ...]) -> float:
