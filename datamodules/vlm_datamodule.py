@@ -59,6 +59,8 @@ def load_records(spec: str | list[str], max_skip_fraction: float, limit: int | N
     records: list[PromptRecord] = []
     skips, total = SkipCounter(), 0
     for path in expand_files(spec):
+        if limit is not None and len(records) >= limit:
+            break  # a limit reached in an earlier file: the later files are not read at all
         for _, raw in read_rows(path):
             total += 1
             out = validate_row(raw, path.parent, RowLimits(max_question_chars=question_max_chars))
@@ -82,6 +84,9 @@ class VLMDataModule(LightningDataModule):
         mode: "rl" (prompts with answers for rewards) or "sft" (prompt + solution, loss on the reply only).
         batch_size: prompts per step on each rank.
         val_batch_size: prompts per validation batch (default: batch_size).
+        train_limit: use at most this many training rows, the first in file order (None = all). A small, fixed
+            RL prompt pool revisited over several epochs: on the embedded default GRPO gains held-out accuracy
+            from 64 prompts and loses it from 160 fresh ones in the same 40 steps (README, "Recipe evidence").
         val_limit: use at most this many validation rows.
         max_prompt_length: longest prompt (image tokens included) allowed; checked before the first step.
         max_length: longest prompt + reply in SFT mode.
@@ -94,12 +99,16 @@ class VLMDataModule(LightningDataModule):
 
     def __init__(self, train_files: str | list[str], val_files: str | list[str] | None = None,
                  processor_path: str | None = None, mode: str = "rl", batch_size: int = 4,
-                 val_batch_size: int | None = None, val_limit: int | None = None, max_prompt_length: int = 512,
+                 val_batch_size: int | None = None, train_limit: int | None = None, val_limit: int | None = None,
+                 max_prompt_length: int = 512,
                  max_length: int = 1024, system_prompt: str | None = None, seed: int | None = None, num_workers: int = 0,
                  max_skip_fraction: float = 0.01, preflight_sample: int = 64):
         super().__init__()
         if mode not in ("rl", "sft"):
             raise ValueError(f"data.mode must be 'rl' or 'sft', got {mode!r}")
+        for flag, value in (("train_limit", train_limit), ("val_limit", val_limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{flag} must be >= 1 (or null for all rows), got {value}")
         self.save_hyperparameters()
         self.batch_server: BatchServer | None = None
         self.train_records: list[PromptRecord] = []
@@ -128,9 +137,9 @@ class VLMDataModule(LightningDataModule):
         h = self.hparams
         self._processor()
         if stage == "fit" and not self.train_records:
-            records, self.skips["train"] = load_records(h.train_files, h.max_skip_fraction)
+            records, self.skips["train"] = load_records(h.train_files, h.max_skip_fraction, limit=h.train_limit)
             self.train_records = self._shard(records)
-            self._report("train", self.skips["train"], len(self.train_records))
+            self._report("train", self.skips["train"], len(self.train_records), h.train_limit)
             self.preflight(self.train_records)
             self.batch_server = BatchServer([RowMeta(r.id, r.difficulty) for r in self.train_records],
                                             batch_size=h.batch_size, seed=run_seed(h.seed) + self._rank())
@@ -140,7 +149,7 @@ class VLMDataModule(LightningDataModule):
         if h.val_files and not self.val_records and stage in ("fit", "validate"):
             records, self.skips["val"] = load_records(h.val_files, h.max_skip_fraction, limit=h.val_limit)
             self.val_records = self._shard(records)
-            self._report("val", self.skips["val"], len(self.val_records))
+            self._report("val", self.skips["val"], len(self.val_records), h.val_limit)
 
     def _rank(self) -> tuple[int, int] | int:
         return self.trainer.global_rank if self.trainer is not None else 0
@@ -150,8 +159,8 @@ class VLMDataModule(LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return records[self._rank()::world] if world > 1 else records
 
-    def _report(self, split: str, skips: SkipCounter, kept: int) -> None:
-        msg = f"data/{split}: {kept} rows served"
+    def _report(self, split: str, skips: SkipCounter, kept: int, limit: int | None = None) -> None:
+        msg = f"data/{split}: {kept} rows served" + (f" (limited to the first {limit})" if limit else "")
         if skips.total:
             msg += f"; skipped {skips.total} bad rows: {skips.summary()}"
         rank_zero_info(msg)
