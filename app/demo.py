@@ -6,8 +6,8 @@
 3. scores every stage's export on the held-out split and prints a table, with the TensorBoard command.
 
 The cold-start traces are imperfect on purpose (`--trace-error-rate`, `--trace-error-kind`): in half of them the
-reasoning is right but the boxed answer is off by two, a policy error meant for RL to find and fix from rewards
-alone (README, "Recipe evidence", says how far it does).
+listing misses the last matching object and the boxed answer follows the short count, a policy error meant for RL
+to find and fix from rewards alone (README, "Recipe evidence", says how far it does).
 """
 
 from __future__ import annotations
@@ -26,20 +26,32 @@ STAGES = ("sft", "grpo", "connector")
 
 
 def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_train: int, seed: int,
-                  trace_error_kind: str = "answer") -> None:
-    """Create the tiny model and the data unless they exist already."""
+                  trace_error_kind: str = "count") -> bool:
+    """Create the tiny model and the data unless they exist already (data made with other error settings is
+    made again). Returns whether anything was (re)built."""
     from app.make_data import write_dataset, write_split
     from modules.tiny import make_tiny
 
+    built = False
     if not (model_dir / "config.json").exists():
         print(f"building the tiny VLM in {model_dir}")
         make_tiny(model_dir, "internvl", seed=seed)
-    if not (data_dir / "meta.json").exists():
+        built = True
+    wanted = {"trace_error_rate": trace_error_rate, "trace_error_kind": trace_error_kind, "n_train": n_train}
+    meta = data_dir / "meta.json"
+    if meta.exists():
+        had = {k: json.loads(meta.read_text()).get("args", {}).get(k) for k in wanted}
+        if had != wanted:  # e.g. data from an older demo, whose cold-start error was of another kind
+            print(f"regenerating {data_dir}: it was made with {had}, this run asks for {wanted}")
+            meta.unlink()
+    if not meta.exists():
         print(f"generating synthetic data in {data_dir}")
         write_dataset(data_dir, n_train=n_train, n_val=600, seed=seed, trace_error_rate=trace_error_rate,
                       trace_error_kind=trace_error_kind)
         # stage 3 tunes on clean traces of other items (the paper: a separate multi-domain set)
         write_split(data_dir, "connector", 2000, seed)
+        built = True
+    return built
 
 
 def run_stage(stage: str, model_path: Path, data_dir: Path, out: Path, overrides: list[str]) -> Path:
@@ -102,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default="artifacts/data")
     ap.add_argument("--trace-error-rate", type=float, default=0.5,
                     help="share of cold-start traces with a deliberate error that RL can fix")
-    ap.add_argument("--trace-error-kind", choices=("answer", "count"), default="answer",
-                    help="answer: right reasoning, boxed answer off by two; count: the listing misses an object")
+    ap.add_argument("--trace-error-kind", choices=("count", "answer"), default="count",
+                    help="count: the listing misses an object (the box follows it); answer: right reasoning, "
+                         "boxed answer off by two")
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--eval-limit", type=int, default=150, help="held-out items scored per stage")
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per item at temperature 1.0")
@@ -117,7 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         for stage in STAGES:
             shutil.rmtree(Path(a.out) / stage, ignore_errors=True)
     out, model_dir, data_dir = Path(a.out), Path(a.model_dir), Path(a.data_dir)
-    ensure_assets(model_dir, data_dir, a.trace_error_rate, a.n_train, a.seed, a.trace_error_kind)
+    if ensure_assets(model_dir, data_dir, a.trace_error_rate, a.n_train, a.seed, a.trace_error_kind):
+        stale = [s for s in STAGES if (out / s).exists()]
+        if stale:  # exports trained on the model or data that were just replaced
+            print(f"the model or data changed: running every stage again (removing {out}/{{{','.join(stale)}}})")
+            for stage in stale:
+                shutil.rmtree(out / stage)
     exports, prev = {}, model_dir
     for i, stage in enumerate(STAGES):
         overrides = [f"--seed_everything={a.seed}"]
