@@ -75,3 +75,17 @@ def test_bench_lean_overlay_replaces_probes_and_keeps_a_curriculum_overlay(tiny_
     assert {"ModelCheckpoint", ExportCallback.__name__, CurriculumCallback.__name__} <= kinds
     assert not kinds & {"CriticalEntropyCallback", "CheckpointSelectionCallback", "RolloutSamplesCallback"}
     assert cli.datamodule.hparams.val_files is None and cli.trainer.limit_val_batches == 0
+
+
+@pytest.mark.parametrize("overlay", [None, *sorted((ROOT / "configs/curriculum").glob("*.yaml"))],
+                         ids=lambda p: "base" if p is None else p.stem)
+def test_tiny_grpo_trains_on_a_prompt_pool_that_curriculum_overlays_lift(overlay, tiny_model_dir, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """configs/tiny/grpo.yaml revisits a fixed 64-prompt pool; a curriculum orders the whole split instead."""
+    monkeypatch.chdir(tmp_path)
+    files = ["configs/tiny/grpo.yaml"] + ([] if overlay is None else [str(overlay)])
+    args = [a for f in files for a in ("--config", str(ROOT / f))]
+    args += ["--model.init_args.model_path", str(tiny_model_dir("internvl")),
+             "--data.train_files", str(data_dir / "train-*.parquet"), "--trainer.logger", "false"]
+    cli = cli_main(args=args, run=False)
+    assert cli.datamodule.hparams.train_limit == (64 if overlay is None else None)
