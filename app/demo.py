@@ -40,7 +40,8 @@ def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_tr
     wanted = {"trace_error_rate": trace_error_rate, "trace_error_kind": trace_error_kind, "n_train": n_train}
     meta = data_dir / "meta.json"
     if meta.exists():
-        had = {k: json.loads(meta.read_text()).get("args", {}).get(k) for k in wanted}
+        args = json.loads(meta.read_text()).get("args", {})
+        had = {k: args.get(k) for k in wanted}
         if had != wanted:  # e.g. data from an older demo, whose cold-start error was of another kind
             print(f"regenerating {data_dir}: it was made with {had}, this run asks for {wanted}")
             meta.unlink()

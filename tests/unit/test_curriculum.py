@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
@@ -359,7 +360,12 @@ def test_overlays_instantiate_the_callback(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(sys, "argv", ["app"])
     expected = {"random": RandomOrder, "easy_to_hard": EasyToHard, "staged": Staged, "pass_rate": PassRate}
     for name, cls in expected.items():
-        args = ["--config", str(CONFIGS / f"{name}.yaml"), f"--trainer.default_root_dir={tmp_path}"]
+        # the callback part only: the overlay's `data:` part (lifting the tiny GRPO prompt pool) needs the real
+        # DataModule, and is checked on top of configs/tiny/grpo.yaml in test_configs
+        overlay = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        assert overlay.pop("data") == {"train_limit": None}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(overlay))
+        args = ["--config", str(tmp_path / f"{name}.yaml"), f"--trainer.default_root_dir={tmp_path}"]
         cli = LightningCLI(BoringModel, run=False, args=args, save_config_callback=None)
         found = [c for c in cli.trainer.callbacks if isinstance(c, CurriculumCallback)]
         assert len(found) == 1 and type(found[0].strategy) is cls
