@@ -55,6 +55,15 @@ def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_tr
     return built
 
 
+def clear_stages(out: Path, reason: str) -> None:
+    """Remove the stages' folders under `out`, so that every stage runs again."""
+    done = [stage for stage in STAGES if (out / stage).exists()]
+    if done:
+        print(f"{reason}: running every stage again (removing {out}/{{{','.join(done)}}})")
+        for stage in done:
+            shutil.rmtree(out / stage)
+
+
 def run_stage(stage: str, model_path: Path, data_dir: Path, out: Path, overrides: list[str]) -> Path:
     """One `python -m app fit` in a child process (its progress bar shows); returns the stage's export.
 
@@ -127,16 +136,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="override the step budget of each stage")
     a = ap.parse_args(argv)
     t0 = time.time()
-    if a.fresh and Path(a.out).exists():
-        for stage in STAGES:
-            shutil.rmtree(Path(a.out) / stage, ignore_errors=True)
     out, model_dir, data_dir = Path(a.out), Path(a.model_dir), Path(a.data_dir)
+    if a.fresh:
+        clear_stages(out, "--fresh")
     if ensure_assets(model_dir, data_dir, a.trace_error_rate, a.n_train, a.seed, a.trace_error_kind):
-        stale = [s for s in STAGES if (out / s).exists()]
-        if stale:  # exports trained on the model or data that were just replaced
-            print(f"the model or data changed: running every stage again (removing {out}/{{{','.join(stale)}}})")
-            for stage in stale:
-                shutil.rmtree(out / stage)
+        clear_stages(out, "the model or data changed")  # exports trained on what was just replaced
     exports, prev = {}, model_dir
     for i, stage in enumerate(STAGES):
         overrides = [f"--seed_everything={a.seed}"]
