@@ -1,22 +1,19 @@
-"""The prompt schema: file readers (parquet, JSONL) and row validation into `PromptRecord`s. Pure: no tokenizer.
+"""The prompt schema: its documentation, skip reasons and row validation into `PromptRecord`s. Pure: no tokenizer.
 
 A bad row never stops a run: `validate_row` returns a `Skip` with a reason, a `SkipCounter` tallies them, and
 `check_skip_fraction` fails loudly only when too many rows were skipped. A file missing a required column is not a
-bad row but a bad file: `read_rows` raises `SchemaError` naming the column and the file.
+bad row but a bad file: `datamodules.row_io.read_rows` raises `SchemaError` naming the column and the file.
 """
 
 from __future__ import annotations
 
 import ast
 import io
-import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from datamodules.types import QUESTION_TYPES, PromptRecord
@@ -77,7 +74,7 @@ SKIP_REASONS: tuple[str, ...] = (
 
 MARKER_RE = re.compile(r"<image(?:\s+(\d+))?>")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_BAD_LINE_KEY = "__bad_json__"  # read_rows puts an unparseable JSONL line under this key
+BAD_LINE_KEY = "__bad_json__"  # row_io.read_rows puts an unparseable JSONL line under this key
 _TEXT_FIELDS = ("id", "question", "answer", "subject", "solution", "question_type")
 
 
@@ -115,63 +112,6 @@ class _SkipRow(Exception):
         self.reason, self.detail = reason, detail
 
 
-# ---------------------------------------------------------------------------------------------------------- readers
-def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (row index, raw row dict) from a `.parquet` or `.jsonl` file, checking the required columns first.
-
-    JSONL lines are read as bytes and decoded as UTF-8 with `surrogateescape`, so a line with invalid bytes still
-    yields a row (its strings carry lone surrogates, which `validate_row` reports as `bad_text_encoding`). A line
-    that is not a JSON object yields `{"__bad_json__": message, "id": "line N"}`. Blank lines are ignored but keep their index.
-    """
-    p = Path(path)
-    if p.suffix == ".parquet":
-        yield from _read_parquet(p)
-    elif p.suffix == ".jsonl":
-        yield from _read_jsonl(p)
-    else:
-        raise SchemaError(f"{p}: unknown data file type {p.suffix!r}; expected .parquet or .jsonl")
-
-
-def _require(columns: list[str] | set[str], path: Path) -> None:
-    for col in REQUIRED_COLUMNS:
-        if col not in columns:
-            raise SchemaError(f"{path}: missing required column {col!r} (columns: {sorted(columns)})")
-
-
-def _read_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[int, dict[str, Any]]]:
-    pf = pq.ParquetFile(path)
-    _require(pf.schema_arrow.names, path)
-    index = 0
-    for batch in pf.iter_batches(batch_size=batch_size):
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    checked = False
-    with path.open("rb") as f:
-        for index, line in enumerate(f):
-            text = line.decode("utf-8", errors="surrogateescape").strip()
-            if not text:
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield index, {_BAD_LINE_KEY: str(e), "id": f"line {index + 1}"}
-                continue
-            if not isinstance(row, dict):
-                yield (
-                    index,
-                    {_BAD_LINE_KEY: f"a JSON {type(row).__name__}, not an object", "id": f"line {index + 1}"},
-                )
-                continue
-            if not checked:  # the first object plays the header: a column it lacks is missing from the file
-                _require(set(row), path)
-                checked = True
-            yield index, row
-
-
 # ------------------------------------------------------------------------------------------------------ validation
 def validate_row(
     raw: dict[str, Any], base_dir: str | Path, limits: RowLimits = RowLimits()
@@ -184,8 +124,8 @@ def validate_row(
     row_id = raw.get("id")
     shown_id = _shown(row_id)
     try:
-        if _BAD_LINE_KEY in raw:
-            raise _SkipRow(BAD_JSON, str(raw[_BAD_LINE_KEY]))
+        if BAD_LINE_KEY in raw:
+            raise _SkipRow(BAD_JSON, str(raw[BAD_LINE_KEY]))
         text = {k: _text(raw.get(k), k) for k in _TEXT_FIELDS}
         if not text["id"]:
             raise _SkipRow(MISSING_ID, "id is empty or missing")
@@ -399,17 +339,3 @@ def check_skip_fraction(
         f"{where}skipped {counter.total} of {total} rows ({counter.total / total:.1%} > {max_fraction:.1%} allowed). "
         f"Fix the data or raise the limit. By reason:\n{counter.summary()}"
     )
-
-
-def iter_records(
-    path: str | Path, limits: RowLimits = RowLimits(), counter: SkipCounter | None = None
-) -> Iterator[PromptRecord]:
-    """Valid records of one file; skipped rows go to `counter` (read `counter.summary()` afterwards)."""
-    p = Path(path)
-    for _, raw in read_rows(p):
-        result = validate_row(raw, p.parent, limits)
-        if isinstance(result, Skip):
-            if counter is not None:
-                counter.add(result)
-        else:
-            yield result

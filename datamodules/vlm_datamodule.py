@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.ordering import BatchServer, RowMeta, run_seed
 from datamodules.prompting import PromptCollator
-from datamodules.schema import RowLimits, SkipCounter, check_skip_fraction, read_rows, validate_row
+from datamodules.row_io import read_rows
+from datamodules.schema import RowLimits, SkipCounter, check_skip_fraction, validate_row
 from datamodules.types import PromptBatch, PromptRecord
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from datamodules import row_io
 from datamodules import schema as S
 from datamodules.types import PromptRecord
 
@@ -30,7 +31,7 @@ def _collect(
     path: Path, limits: S.RowLimits = S.RowLimits()
 ) -> tuple[list[PromptRecord], S.SkipCounter, list[S.Skip]]:
     records, skips, counter = [], [], S.SkipCounter()
-    for _, raw in S.read_rows(path):
+    for _, raw in row_io.read_rows(path):
         result = S.validate_row(raw, path.parent, limits)
         if isinstance(result, S.Skip):
             counter.add(result)
@@ -294,15 +295,15 @@ def test_missing_column_names_column_and_file(tmp_path: Path) -> None:
     path = tmp_path / "no-answer.parquet"
     pq.write_table(pa.table({"id": ["a"], "question": ["q"], "images": [[]]}), path)
     with pytest.raises(S.SchemaError, match=r"'answer'.*") as err:
-        list(S.read_rows(path))
+        list(row_io.read_rows(path))
     assert str(path) in str(err.value)
     jsonl = tmp_path / "no-images.jsonl"
     jsonl.write_text(json.dumps({"id": "a", "question": "q", "answer": "1"}) + "\n")
     with pytest.raises(S.SchemaError, match="'images'") as err:
-        list(S.read_rows(jsonl))
+        list(row_io.read_rows(jsonl))
     assert str(jsonl) in str(err.value)
     with pytest.raises(S.SchemaError, match="unknown data file type"):
-        list(S.read_rows(tmp_path / "data.csv"))
+        list(row_io.read_rows(tmp_path / "data.csv"))
 
 
 def test_skip_counter_and_fraction_check() -> None:
@@ -326,7 +327,7 @@ def test_iter_records_counts_skips(data_dir: Path) -> None:
     path = data_dir / "prompts.jsonl"
     _write_jsonl(path)
     counter = S.SkipCounter()
-    ids = [r.id for r in S.iter_records(path, counter=counter)]
+    ids = [r.id for r in row_io.iter_records(path, counter=counter)]
     assert ids == list(JSONL_GOOD) and counter.total == len(JSONL_BAD) + 1
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from app.make_data import write_dataset
-from datamodules import schema
+from datamodules import row_io, schema
 from datamodules.synthetic import (
     COLOURS,
     CRITICAL_WORDS,
@@ -161,7 +161,7 @@ def test_files_validate_and_load_with_datasets(dataset_dir: Path, tmp_path: Path
 
     for path in sorted(dataset_dir.glob("*.parquet")):
         counter = schema.SkipCounter()
-        records = list(schema.iter_records(path, counter=counter))
+        records = list(row_io.iter_records(path, counter=counter))
         assert counter.total == 0 and records
         split = path.name.split("-")[0]
         for rec in records:
