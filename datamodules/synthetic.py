@@ -14,11 +14,12 @@ With `trace_error_rate` r, a fraction r of the items get a *slipped* trace: it m
 the first counted group (reading order), so the boxed answer is wrong while the row's `answer` stays right. The slip
 is chosen so that it always changes the final answer (compare items differ by at most one; match options always
 hold n-1). `meta` (JSON) keeps the drawn objects, queries and parameters so answers can be recounted.
+
+The scenes themselves (`Obj`, `Query`, sampling, rendering, PNG bytes) are in `datamodules.scenes`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -27,12 +28,20 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 190, 0),
-}  # fmt: skip
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+from datamodules.scenes import (
+    COLOURS,
+    SHAPES,
+    Obj,
+    Query,
+    encode_png,
+    pick,
+    randint,
+    render_image,
+    sample_query,
+    sample_scene,
+)
+
 TASKS: tuple[str, ...] = ("count", "compare", "two_images", "match_option", "arithmetic")
 DIFFICULTIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 CRITICAL_WORDS: tuple[str, ...] = ("Wait", "Hmm", "Alternatively")
@@ -44,43 +53,6 @@ ONE_COUNT: dict[int, tuple[int, int]] = {1: (1, 2), 2: (1, 3), 3: (2, 4), 4: (2,
 TWO_COUNT: dict[int, tuple[int, int]] = {1: (1, 2), 2: (1, 3), 3: (1, 3), 4: (2, 4), 5: (2, 4)}
 DISTRACTORS: dict[int, tuple[int, int]] = {1: (0, 1), 2: (1, 2), 3: (2, 4), 4: (3, 5), 5: (4, 6)}
 MIN_GRID = 4  # the densest scene (4 + 4 targets + 6 distractors) needs 14 of 16 cells
-SHAPE_FRACTION = 0.64  # shape side / cell side: 18 px in a 28 px cell leaves room for the ±2 px jitter
-MAX_JITTER = 2
-
-
-@dataclass(frozen=True)
-class Obj:
-    """One drawn shape: colour, shape, grid cell (0-based row/col) and pixel jitter of its centre."""
-
-    colour: str
-    shape: str
-    row: int
-    col: int
-    dx: int = 0
-    dy: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
-
-
-@dataclass(frozen=True)
-class Query:
-    """What to count: a colour, a shape, or both (a conjunction). At least one is set."""
-
-    colour: str | None = None
-    shape: str | None = None
-
-    def matches(self, obj: Obj) -> bool:
-        return (self.colour is None or obj.colour == self.colour) and (
-            self.shape is None or obj.shape == self.shape
-        )
-
-    def noun(self, plural: bool = True) -> str:
-        """'red shapes', 'circles', 'red circles' (or the singular)."""
-        base = self.shape or "shape"
-        base = base + "s" if plural else base
-        return f"{self.colour} {base}" if self.colour else base
 
 
 @dataclass
@@ -94,74 +66,6 @@ class Drawn:
     solution: str
     options: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------------- sampling helpers
-def _pick(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
-    return seq[int(rng.integers(len(seq)))]
-
-
-def _randint(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
-    return int(rng.integers(bounds[0], bounds[1] + 1))
-
-
-def _query(rng: np.random.Generator, colour: bool, shape: bool, avoid: Query | None = None) -> Query:
-    """A random query; with `avoid`, its set attributes differ from avoid's so the two groups are disjoint."""
-    colours = [c for c in COLOURS if avoid is None or c != avoid.colour]
-    shapes = [s for s in SHAPES if avoid is None or s != avoid.shape]
-    return Query(_pick(rng, colours) if colour else None, _pick(rng, shapes) if shape else None)
-
-
-def sample_scene(
-    rng: np.random.Generator, groups: list[tuple[Query, int]], distractors: tuple[int, int], grid: int
-) -> list[Obj]:
-    """Place `count` objects for each (query, count) plus distractors matching no query, one per cell.
-
-    Returns the objects in reading order (row, then column).
-    """
-    wanted = sum(k for _, k in groups)
-    n_extra = min(_randint(rng, distractors), grid * grid - wanted)
-    cells = rng.permutation(grid * grid)[: wanted + n_extra]
-    combos = [(c, s) for c in COLOURS for s in SHAPES]
-    others = [(c, s) for c, s in combos if not any(q.matches(Obj(c, s, 0, 0)) for q, _ in groups)]
-    kinds: list[tuple[str, str]] = []
-    for q, k in groups:
-        for _ in range(k):
-            kinds.append((q.colour or _pick(rng, list(COLOURS)), q.shape or _pick(rng, SHAPES)))
-    kinds += [_pick(rng, others) for _ in range(n_extra)]
-    objs = []
-    for (colour, shape), cell in zip(kinds, cells, strict=True):
-        dx, dy = (int(v) for v in rng.integers(-MAX_JITTER, MAX_JITTER + 1, size=2))
-        objs.append(Obj(colour, shape, int(cell) // grid, int(cell) % grid, dx, dy))
-    return sorted(objs, key=lambda o: (o.row, o.col))
-
-
-def render_image(objs: list[Obj], image_size: int, cell: int) -> Image.Image:
-    """Draw the objects on a white RGB canvas (no anti-aliasing, so pixels are deterministic)."""
-    img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    grid = image_size // cell
-    offset = (image_size - grid * cell) // 2
-    half = round(cell * SHAPE_FRACTION) // 2
-    for o in objs:
-        cx = offset + o.col * cell + cell // 2 + o.dx
-        cy = offset + o.row * cell + cell // 2 + o.dy
-        box = [cx - half, cy - half, cx + half, cy + half]
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif o.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
-    return img
-
-
-def encode_png(img: Image.Image) -> bytes:
-    """PNG bytes with fixed settings and no metadata chunks: same pixels give the same bytes."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------- trace helpers
@@ -205,8 +109,8 @@ def _finish(reasoning: str, boxed: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------- tasks
 def _count(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
-    q = _query(rng, colour=True, shape=d >= 3)
-    n = _randint(rng, ONE_COUNT[d])
+    q = sample_query(rng, colour=True, shape=d >= 3)
+    n = randint(rng, ONE_COUNT[d])
     scene = sample_scene(rng, [(q, n)], DISTRACTORS[d], grid)
     hits = _seen(scene, q, slip)
     text = f"{_look(q, hits)} {_recount(rng, q, hits)}"
@@ -216,14 +120,14 @@ def _count(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
 
 def _compare(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
     colour, shape = d != 3, d >= 3
-    q1 = _query(rng, colour, shape)
-    q2 = _query(rng, colour, shape, avoid=q1)
+    q1 = sample_query(rng, colour, shape)
+    q2 = sample_query(rng, colour, shape, avoid=q1)
     lo, hi = TWO_COUNT[d]
-    relation = _pick(rng, ("more", "fewer", "same"))
+    relation = pick(rng, ("more", "fewer", "same"))
     if relation == "same":
-        a = b = _randint(rng, (lo, hi))
+        a = b = randint(rng, (lo, hi))
     else:  # counts differ by one, so an undercount by one always flips the verdict
-        small = _randint(rng, (lo, hi - 1))
+        small = randint(rng, (lo, hi - 1))
         a, b = (small + 1, small) if relation == "more" else (small, small + 1)
     scene = sample_scene(rng, [(q1, a), (q2, b)], DISTRACTORS[d], grid)
     slip1 = slip and a >= b
@@ -232,7 +136,7 @@ def _compare(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
     options = [q1.noun(), q2.noun(), "the same number"]
     seen_letter = "A" if na > nb else "B" if nb > na else "C"
     verdict = {"A": f"more {q1.noun()}", "B": f"more {q2.noun()}", "C": "the same number"}[seen_letter]
-    opener = _pick(rng, ("Wait, let me check", "Hmm, let me compare again"))
+    opener = pick(rng, ("Wait, let me check", "Hmm, let me compare again"))
     text = (
         f"{_look(q1, h1, 'I count the')} {_look(q2, h2, 'Now the')} {opener}: {na} and {nb}. Yes, {verdict}."
     )
@@ -242,14 +146,14 @@ def _compare(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
 
 
 def _two_images(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
-    q = _query(rng, colour=True, shape=d >= 4)
+    q = sample_query(rng, colour=True, shape=d >= 4)
     op = "difference" if d in (3, 5) else "sum"
     lo, hi = TWO_COUNT[d]
     if op == "sum":
-        a, b = _randint(rng, (lo, hi)), _randint(rng, (lo, hi))
+        a, b = randint(rng, (lo, hi)), randint(rng, (lo, hi))
     else:
-        b = _randint(rng, (lo, hi - 1))
-        a = _randint(rng, (b + 1, hi))
+        b = randint(rng, (lo, hi - 1))
+        a = randint(rng, (b + 1, hi))
     scenes = [
         sample_scene(rng, [(q, a)], DISTRACTORS[d], grid),
         sample_scene(rng, [(q, b)], DISTRACTORS[d], grid),
@@ -271,9 +175,9 @@ def _two_images(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Draw
 
 
 def _match_option(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
-    q = _query(rng, colour=d >= 3, shape=d != 3)
-    n = _randint(rng, ONE_COUNT[d])
-    start = _randint(rng, (max(0, n - 3), n - 1))  # four consecutive numbers holding n and n - 1
+    q = sample_query(rng, colour=d >= 3, shape=d != 3)
+    n = randint(rng, ONE_COUNT[d])
+    start = randint(rng, (max(0, n - 3), n - 1))  # four consecutive numbers holding n and n - 1
     values = [start + i for i in rng.permutation(4)]
     options = [str(v) for v in values]
     scene = sample_scene(rng, [(q, n)], DISTRACTORS[d], grid)
@@ -288,9 +192,9 @@ def _match_option(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Dr
 def _arithmetic(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Drawn:
     """d1-2: one colour, d3: one colour+shape; d4: two colours, d5: two colour+shape groups."""
     if d <= 3:
-        q = _query(rng, colour=True, shape=d == 3)
-        k = _randint(rng, (2, 3) if d < 3 else (2, 4))
-        n = _randint(rng, ONE_COUNT[d])
+        q = sample_query(rng, colour=True, shape=d == 3)
+        k = randint(rng, (2, 3) if d < 3 else (2, 4))
+        n = randint(rng, ONE_COUNT[d])
         scene = sample_scene(rng, [(q, n)], DISTRACTORS[d], grid)
         hits = _seen(scene, q, slip)
         p = len(hits) * k
@@ -300,10 +204,10 @@ def _arithmetic(rng: np.random.Generator, d: int, grid: int, slip: bool) -> Draw
             f"<image>\nIf each {q.noun(False)} is worth {k} points, how many points do the {q.noun()} make?"
         )
         return Drawn([scene], [q], question, str(n * k), _finish(text, str(p)), params={"points": [k]})
-    q1 = _query(rng, colour=True, shape=d == 5)
-    q2 = _query(rng, colour=True, shape=d == 5, avoid=q1)
-    k1, k2 = _randint(rng, (2, 4)), _randint(rng, (2, 4))
-    a, b = _randint(rng, TWO_COUNT[d]), _randint(rng, TWO_COUNT[d])
+    q1 = sample_query(rng, colour=True, shape=d == 5)
+    q2 = sample_query(rng, colour=True, shape=d == 5, avoid=q1)
+    k1, k2 = randint(rng, (2, 4)), randint(rng, (2, 4))
+    a, b = randint(rng, TWO_COUNT[d]), randint(rng, TWO_COUNT[d])
     scene = sample_scene(rng, [(q1, a), (q2, b)], DISTRACTORS[d], grid)
     h1, h2 = _seen(scene, q1, slip), _seen(scene, q2, False)
     p1, p2 = len(h1) * k1, len(h2) * k2

@@ -17,8 +17,8 @@ from PIL import Image
 
 from app.make_data import write_dataset
 from datamodules import row_io, schema
+from datamodules.scenes import COLOURS
 from datamodules.synthetic import (
-    COLOURS,
     CRITICAL_WORDS,
     DIFFICULTIES,
     SYNTH_VOCAB_TEXT,
