@@ -9,6 +9,7 @@ neither repeats nor skips prompts. Rows are sharded by rank before anything is s
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.ordering import BatchServer, RowMeta, run_seed
 from datamodules.prompting import PromptCollator
-from datamodules.row_io import read_rows
-from datamodules.schema import RowLimits, SkipCounter, check_skip_fraction, validate_row
+from datamodules.row_io import iter_records
+from datamodules.schema import RowLimits, SkipCounter, check_skip_fraction
 from datamodules.types import PromptBatch, PromptRecord
 
 log = logging.getLogger(__name__)
@@ -56,22 +57,12 @@ def expand_files(spec: str | list[str]) -> list[Path]:
 
 def load_records(spec: str | list[str], max_skip_fraction: float, limit: int | None = None,
                  question_max_chars: int = 20000) -> tuple[list[PromptRecord], SkipCounter]:
-    """Read and validate every row; bad rows are skipped and counted, too many stop the run."""
-    records: list[PromptRecord] = []
-    skips, total = SkipCounter(), 0
-    for path in expand_files(spec):
-        if limit is not None and len(records) >= limit:
-            break  # a limit reached in an earlier file: the later files are not read at all
-        for _, raw in read_rows(path):
-            total += 1
-            out = validate_row(raw, path.parent, RowLimits(max_question_chars=question_max_chars))
-            if isinstance(out, PromptRecord):
-                records.append(out)
-            else:
-                skips.add(out)
-            if limit is not None and len(records) >= limit:
-                break
-    check_skip_fraction(skips, total, max_skip_fraction, source=str(spec))
+    """Read and validate rows in file order up to `limit` valid ones; bad rows are skipped and counted, too many
+    stop the run. Files past the limit are never opened (the chained generator is lazy)."""
+    skips, limits = SkipCounter(), RowLimits(max_question_chars=question_max_chars)
+    valid = (rec for path in expand_files(spec) for rec in iter_records(path, limits, skips))
+    records = list(itertools.islice(valid, limit))
+    check_skip_fraction(skips, len(records) + skips.total, max_skip_fraction, source=str(spec))
     return records, skips
 
 

@@ -334,3 +334,22 @@ def test_iter_records_counts_skips(data_dir: Path) -> None:
 def test_schema_doc_lists_every_reason() -> None:
     assert all(f"`{reason}`" in S.SCHEMA_DOC for reason in S.SKIP_REASONS)
     assert all(f"`{col}`" in S.SCHEMA_DOC for col in S.REQUIRED_COLUMNS)
+
+
+def test_load_records_stops_at_the_limit_and_counts_skips_before_it(tmp_path: Path) -> None:
+    from datamodules.vlm_datamodule import load_records
+
+    rows = [{"id": f"r{i}", "question": "How many?", "answer": "1", "images": []} for i in range(4)]
+    rows[1]["answer"] = ""  # one bad row before the limit
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": "x"}) + "\n")  # no answer/images column: a SchemaError
+    spec = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    records, skips = load_records(spec, max_skip_fraction=1.0, limit=2)
+    assert [r.id for r in records] == ["r0", "r2"] and skips.counts == {S.MISSING_ANSWER: 1}
+    records, _ = load_records(spec, max_skip_fraction=1.0, limit=3)  # the limit ends file a: b is never opened
+    assert [r.id for r in records] == ["r0", "r2", "r3"]
+    with pytest.raises(S.SchemaError, match="b.jsonl"):  # past the end of file a, b is read and refused
+        load_records(spec, max_skip_fraction=1.0, limit=4)
+    with pytest.raises(S.SkipFractionError, match="skipped 1 of 3 rows"):  # 1 of the 3 rows read, not of 4
+        load_records(spec[:1], max_skip_fraction=0.2, limit=2)
+    assert load_records(spec, max_skip_fraction=1.0, limit=0)[0] == []
