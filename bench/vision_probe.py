@@ -25,6 +25,7 @@ from datamodules.scenes import COLOURS, SHAPES
 
 COLOUR_IDS = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0 = empty cell
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
+GRID = 4  # the embedded default's 112-px images of 28-px cells (app.make_data's defaults)
 
 
 def cell_labels(objs: list[dict], grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +38,7 @@ def cell_labels(objs: list[dict], grid: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def image_tokens(model, processor, rows: list[dict], grid: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_tokens(model, processor, rows: list[dict], grid: int = GRID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projected image tokens [N*grid*grid, D] of every image in `rows`, with colour and shape ids [N*grid*grid]."""
     feats, colours, shapes = [], [], []
     for row in rows:
@@ -88,14 +89,18 @@ def probe(model_dir: str, data: str, images: int, seed: int = 0) -> dict:
     if not files:
         raise FileNotFoundError(f"no files match {data!r} (make one with `python -m app.make_data artifacts/data`)")
     rows: list[dict] = []
-    for f in files:
-        rows += pq.read_table(f, columns=["images", "meta"]).to_pylist()
-        if sum(len(r["images"]) for r in rows) >= images:
-            break
+    n_images = 0
+    for f in files:  # only the rows that hold the first `images` images go through the model
+        for row in pq.read_table(f, columns=["images", "meta"]).to_pylist():
+            if n_images >= images:
+                break
+            rows.append(row)
+            n_images += len(row["images"])
     model, processor = load_vlm(model_dir)
     model.eval()
-    x, colour, shape = image_tokens(model, processor, rows)
-    x, colour, shape = x[: images * 16], colour[: images * 16], shape[: images * 16]
+    x, colour, shape = image_tokens(model, processor, rows, GRID)
+    keep = images * GRID * GRID  # the last row may hold one image more than asked for
+    x, colour, shape = x[:keep], colour[:keep], shape[:keep]
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return {"model": model_dir, "tokens": len(x),
             "colour": probe_accuracy(x, colour, seed=seed), "shape": probe_accuracy(x, shape, seed=seed),
