@@ -7,6 +7,10 @@ connector) and the cell contents from the row's `meta`, fits a linear probe (sof
 colour and for its shape on 75% of the tokens, and prints its accuracy on the other 25%. Accuracy near 1 means
 the tokens carry the cells' contents and the remaining errors are the language model's reading of them; a
 probe on shuffled cells (the same tokens, labels from a random other cell) gives the chance level to compare.
+A third and fourth probe read each token's row and column (its place in the grid; chance is 1/4): they show
+whether a token also says *where* its cell is, or whether the language model has to work that out from the
+token's position in the sequence. (transformers initialises InternViT's absolute position embeddings to zeros,
+OpenGVLab's reference code to N(0, 1): the embedded default's tokens start with no position at all.)
 InternVL-family models only (their `get_image_features` returns one token per 2x2 patches).
 """
 
@@ -58,6 +62,14 @@ def image_tokens(model, processor, rows: list[dict], grid: int = GRID) -> tuple[
     return torch.cat(feats), torch.cat(colours), torch.cat(shapes)
 
 
+def grid_positions(n_tokens: int, grid: int = GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column [n_tokens] of each token, for images of grid*grid tokens each in reading order."""
+    if n_tokens % (grid * grid):
+        raise ValueError(f"{n_tokens} tokens is not a whole number of {grid}x{grid} images")
+    cell = torch.arange(n_tokens) % (grid * grid)
+    return cell // grid, cell % grid
+
+
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train_frac: float = 0.75, steps: int = 300,
                    seed: int = 0) -> float:
     """Held-out accuracy of a softmax-regression probe x [N, D] -> y [N] trained on the first `train_frac`."""
@@ -102,10 +114,12 @@ def probe(model_dir: str, data: str, images: int, seed: int = 0) -> dict:
     keep = images * GRID * GRID  # the last row may hold one image more than asked for
     x, colour, shape = x[:keep], colour[:keep], shape[:keep]
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    row, col = grid_positions(len(x), GRID)
     return {"model": model_dir, "tokens": len(x),
             "colour": probe_accuracy(x, colour, seed=seed), "shape": probe_accuracy(x, shape, seed=seed),
             "colour_shuffled": probe_accuracy(x, colour[perm], seed=seed),
-            "shape_shuffled": probe_accuracy(x, shape[perm], seed=seed)}
+            "shape_shuffled": probe_accuracy(x, shape[perm], seed=seed),
+            "row": probe_accuracy(x, row, seed=seed), "column": probe_accuracy(x, col, seed=seed)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     for m in a.models:
         r = probe(m, a.data, a.images)
         print(f"{m}: {r['tokens']} tokens; colour {r['colour']:.3f} (shuffled cells {r['colour_shuffled']:.3f}), "
-              f"shape {r['shape']:.3f} (shuffled cells {r['shape_shuffled']:.3f})", flush=True)
+              f"shape {r['shape']:.3f} (shuffled cells {r['shape_shuffled']:.3f}); "
+              f"row {r['row']:.3f}, column {r['column']:.3f} (chance {1 / GRID:.2f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import torch
 
-from bench.vision_probe import COLOUR_IDS, SHAPE_IDS, cell_labels, image_tokens, probe_accuracy
+from bench.vision_probe import (
+    COLOUR_IDS,
+    SHAPE_IDS,
+    cell_labels,
+    grid_positions,
+    image_tokens,
+    probe_accuracy,
+)
 from datamodules.synthetic import generate_items
 from modules.loading import load_vlm
 
@@ -42,3 +49,27 @@ def test_tiny_internvl_tokens_carry_their_cells(tiny_model_dir):
     shuffled = probe_accuracy(x, colour[torch.randperm(len(colour), generator=torch.Generator().manual_seed(0))])
     assert acc > 0.9, acc  # even random-init tokens carry their cell's colour (README, "Recipe evidence")
     assert acc > shuffled + 0.2, (acc, shuffled)  # and it is the cell's own colour, not the empty-cell majority
+
+
+def test_grid_positions():
+    row, col = grid_positions(32, 4)  # two 4x4 images
+    assert row.tolist() == [r for _ in range(2) for r in range(4) for _ in range(4)]
+    assert col.tolist() == [c for _ in range(2) for _ in range(4) for c in range(4)]
+
+
+def test_row_probe_sees_position_embeddings(tiny_model_dir):
+    """The tiny InternVL's position embeddings start at zero (transformers' init): its tokens do not say which row
+    they are in. Drawn as InternViT's reference code draws them, they do, and the probe must tell the two apart."""
+    model, processor = load_vlm(tiny_model_dir("internvl"))
+    rows = list(generate_items(30, seed=0, split="validation"))
+    pos = model.model.vision_tower.embeddings.position_embeddings
+    assert float(pos.abs().max()) == 0.0
+    x, _, _ = image_tokens(model, processor, rows)
+    row, _ = grid_positions(len(x))
+    blind = probe_accuracy(x, row)
+    with torch.no_grad():
+        pos.copy_(0.1 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(0)))
+    x, _, _ = image_tokens(model, processor, rows)
+    seeing = probe_accuracy(x, row)
+    assert blind < 0.45, blind  # chance is 0.25
+    assert seeing > 0.9, seeing
