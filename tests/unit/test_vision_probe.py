@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from bench.vision_probe import (
@@ -55,11 +56,14 @@ def test_grid_positions():
     row, col = grid_positions(32, 4)  # two 4x4 images
     assert row.tolist() == [r for _ in range(2) for r in range(4) for _ in range(4)]
     assert col.tolist() == [c for _ in range(2) for _ in range(4) for c in range(4)]
+    with pytest.raises(ValueError, match="not a whole number of 4x4 images"):
+        grid_positions(20, 4)
 
 
 def test_row_probe_sees_position_embeddings(tiny_model_dir):
     """The tiny InternVL's position embeddings start at zero (transformers' init): its tokens do not say which row
-    they are in. Drawn as InternViT's reference code draws them, they do, and the probe must tell the two apart."""
+    they are in. Drawn at random (InternViT's reference code uses N(0, 1); N(0, 0.1^2) leaves content the larger
+    part of each token), they do, and the probe must tell the two apart."""
     model, processor = load_vlm(tiny_model_dir("internvl"))
     rows = list(generate_items(30, seed=0, split="validation"))
     pos = model.model.vision_tower.embeddings.position_embeddings
