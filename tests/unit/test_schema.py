@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,24 @@ GOOD_PNG = _png()
 TRUNCATED_PNG = _png(size=64)[:60]
 
 
+@dataclass
+class _KeepingCounter(S.SkipCounter):
+    """A SkipCounter that also keeps every Skip, so tests can read each one's reason and detail."""
+
+    skips: list[S.Skip] = field(default_factory=list)
+
+    def add(self, skip: S.Skip) -> None:
+        super().add(skip)
+        self.skips.append(skip)
+
+
 def _collect(
     path: Path, limits: S.RowLimits = S.RowLimits()
 ) -> tuple[list[PromptRecord], S.SkipCounter, list[S.Skip]]:
-    records, skips, counter = [], [], S.SkipCounter()
-    for _, raw in row_io.read_rows(path):
-        result = S.validate_row(raw, path.parent, limits)
-        if isinstance(result, S.Skip):
-            counter.add(result)
-            skips.append(result)
-        else:
-            records.append(result)
-    return records, counter, skips
+    """Records, counter and skips of one file, read through the project's own `row_io.iter_records`."""
+    counter = _KeepingCounter()
+    records = list(row_io.iter_records(path, limits, counter))
+    return records, counter, counter.skips
 
 
 # ------------------------------------------------------------------------------------------------------- parquet
