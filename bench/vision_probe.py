@@ -92,9 +92,9 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train_frac: float = 0.75, s
 
 
 def probe(model_dir: str, data: str, images: int, seed: int = 0) -> dict:
-    """Colour and shape probe accuracies, and the same on cell-shuffled labels (chance to compare)."""
-    import pyarrow.parquet as pq
-
+    """Colour and shape probe accuracies, the same on cell-shuffled labels (chance to compare), and row and column
+    probe accuracies (chance 1/GRID)."""
+    from datamodules.row_io import read_rows
     from modules.loading import load_vlm
 
     files = sorted(glob.glob(data))
@@ -102,12 +102,12 @@ def probe(model_dir: str, data: str, images: int, seed: int = 0) -> dict:
         raise FileNotFoundError(f"no files match {data!r} (make one with `python -m app.make_data artifacts/data`)")
     rows: list[dict] = []
     n_images = 0
-    for f in files:  # only the rows that hold the first `images` images go through the model
-        for row in pq.read_table(f, columns=["images", "meta"]).to_pylist():
-            if n_images >= images:
-                break
-            rows.append(row)
-            n_images += len(row["images"])
+    # only the rows that hold the first `images` images are read (lazily, file by file) and go through the model
+    for row in (raw for f in files for _, raw in read_rows(f)):
+        if n_images >= images:
+            break
+        rows.append(row)
+        n_images += len(row["images"])
     model, processor = load_vlm(model_dir)
     model.eval()
     x, colour, shape = image_tokens(model, processor, rows, GRID)
