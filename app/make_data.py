@@ -17,6 +17,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 
-from datamodules.synthetic import DIFFICULTIES, TASKS, generate_items
+from datamodules.synthetic import DIFFICULTIES, TASKS, check_mix, generate_items
 
 FEATURES = Features(
     {
@@ -74,6 +75,8 @@ def write_split(
     n_shards: int | None = None,
     quiet: bool = False,
     trace_error_kind: str = "count",
+    tasks: Sequence[str] = TASKS,
+    difficulties: Sequence[int] = DIFFICULTIES,
 ) -> dict[str, Any]:
     """Generate `n` rows of `split` shard by shard and write them; returns the split's stats for meta.json.
 
@@ -103,6 +106,8 @@ def write_split(
             trace_error_rate,
             start=bounds[shard],
             trace_error_kind=trace_error_kind,
+            tasks=tasks,
+            difficulties=difficulties,
         )
         name = shard_name(split, shard, k)
         write_rows(rows, out / name)
@@ -138,11 +143,15 @@ def write_dataset(
     trace_error_rate: float = 0.0,
     quiet: bool = False,
     trace_error_kind: str = "count",
+    tasks: Sequence[str] = TASKS,
+    difficulties: Sequence[int] = DIFFICULTIES,
 ) -> dict[str, Any]:
     """Write train shards, one validation file and meta.json; returns the meta dict.
 
-    Only train traces get slips (`trace_error_rate`); validation traces are always correct.
+    Only train traces get slips (`trace_error_rate`); validation traces are always correct. `tasks` and
+    `difficulties` restrict the mix of both splits (default: all five tasks at levels 1-5).
     """
+    tasks, difficulties = check_mix(tasks, difficulties)
     args = {
         "n_train": n_train,
         "n_val": n_val,
@@ -152,8 +161,11 @@ def write_dataset(
         "shard_size": shard_size,
         "trace_error_rate": trace_error_rate,
         "trace_error_kind": trace_error_kind,
+        "tasks": list(tasks),
+        "difficulties": list(difficulties),
     }
-    common = {"seed": seed, "image_size": image_size, "cell": cell, "quiet": quiet}
+    common = {"seed": seed, "image_size": image_size, "cell": cell, "quiet": quiet, "tasks": tasks,
+              "difficulties": difficulties}
     splits = {
         "train": write_split(
             out_dir, "train", n_train, shard_size=shard_size, trace_error_rate=trace_error_rate,
@@ -165,8 +177,8 @@ def write_dataset(
         "generator": "datamodules.synthetic",
         "seed": seed,
         "args": args,
-        "tasks": list(TASKS),
-        "difficulties": list(DIFFICULTIES),
+        "tasks": list(tasks),
+        "difficulties": list(difficulties),
         "splits": splits,
     }
     (Path(out_dir) / "meta.json").write_text(
@@ -198,8 +210,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="count",
         help="count: the listing misses an object; answer: right reasoning, boxed answer off by two",
     )
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
+                   help=f"tasks to generate, balanced (default: all of {' '.join(TASKS)})")
+    p.add_argument("--difficulties", nargs="+", type=int, choices=DIFFICULTIES, default=list(DIFFICULTIES),
+                   metavar="LEVEL", help="difficulty levels to generate, balanced (default: 1 2 3 4 5)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    try:
+        check_mix(a.tasks, a.difficulties)
+    except ValueError as e:
+        p.error(f"--tasks/--difficulties: {e}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     meta = write_dataset(
         a.out_dir, a.n_train, a.n_val, a.seed, a.image_size, a.cell, a.shard_size, a.trace_error_rate, a.quiet,
-        a.trace_error_kind,
+        a.trace_error_kind, a.tasks, a.difficulties,
     )
     total = a.n_train + a.n_val
     dt = time.perf_counter() - t0

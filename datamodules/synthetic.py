@@ -237,16 +237,30 @@ def _split_code(split: str) -> int:
 
 
 @lru_cache(maxsize=256)
-def _block_order(seed: int, split_code: int, block: int) -> tuple[int, ...]:
-    order = np.random.default_rng([seed, split_code, block, 7]).permutation(len(TASKS) * len(DIFFICULTIES))
+def _block_order(seed: int, split_code: int, block: int, n_combos: int) -> tuple[int, ...]:
+    order = np.random.default_rng([seed, split_code, block, 7]).permutation(n_combos)
     return tuple(int(i) for i in order)
 
 
-def task_and_difficulty(index: int, seed: int, split: str) -> tuple[str, int]:
-    """Balanced assignment: each block of 25 items holds every (task, difficulty) pair once, in shuffled order."""
-    block, pos = divmod(index, len(TASKS) * len(DIFFICULTIES))
-    combo = _block_order(seed, _split_code(split), block)[pos]
-    return TASKS[combo % len(TASKS)], DIFFICULTIES[combo // len(TASKS)]
+def check_mix(tasks: Sequence[str], difficulties: Sequence[int]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The task and difficulty lists as tuples, or a ValueError naming what is wrong (empty, unknown, repeated)."""
+    tasks, difficulties = tuple(tasks), tuple(int(d) for d in difficulties)
+    if not tasks or set(tasks) - set(TASKS) or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks {list(tasks)}: give one or more distinct tasks out of {list(TASKS)}")
+    if not difficulties or set(difficulties) - set(DIFFICULTIES) or len(set(difficulties)) != len(difficulties):
+        raise ValueError(f"difficulties {list(difficulties)}: give one or more distinct levels out of {list(DIFFICULTIES)}")
+    return tasks, difficulties
+
+
+def task_and_difficulty(
+    index: int, seed: int, split: str, tasks: Sequence[str] = TASKS, difficulties: Sequence[int] = DIFFICULTIES
+) -> tuple[str, int]:
+    """Balanced assignment: each block of len(tasks) * len(difficulties) items (25 by default) holds every
+    (task, difficulty) pair once, in shuffled order."""
+    n_combos = len(tasks) * len(difficulties)
+    block, pos = divmod(index, n_combos)
+    combo = _block_order(seed, _split_code(split), block, n_combos)[pos]
+    return tasks[combo % len(tasks)], difficulties[combo // len(tasks)]
 
 
 def _meta(drawn: Drawn, task: str, difficulty: int, slip: bool) -> str:
@@ -290,13 +304,17 @@ def make_item(
     trace_error_rate: float = 0.0,
     render: bool = True,
     trace_error_kind: str = "count",
+    tasks: Sequence[str] = TASKS,
+    difficulties: Sequence[int] = DIFFICULTIES,
 ) -> dict[str, Any]:
     """One schema row (README "Data schema"), plus `meta`. Images are HF Image structs {bytes, path}.
 
     `trace_error_kind`: "count" (the listing misses an object, see the module docstring) or "answer" (the
     reasoning is right but the boxed answer is off by two: the number + 2, or the option letter two further on).
 
-    The row depends only on (index, seed, split, sizes, rate), so shards can be generated independently.
+    `tasks` and `difficulties` restrict the mix: each block of rows then holds every chosen (task, level) pair once.
+
+    The row depends only on (index, seed, split, sizes, rate, mix), so shards can be generated independently.
     With render=False the `images` list is empty (text only; used for tokenizer training text).
     """
     grid = image_size // cell
@@ -304,7 +322,7 @@ def make_item(
         raise ValueError(
             f"image_size // cell = {grid}; the tasks need a grid of at least {MIN_GRID}x{MIN_GRID} cells"
         )
-    task, difficulty = task_and_difficulty(index, seed, split)
+    task, difficulty = task_and_difficulty(index, seed, split, *check_mix(tasks, difficulties))
     rng = np.random.default_rng([seed, _split_code(split), index])
     slip = bool(rng.random() < trace_error_rate)  # always drawn, so the rate never shifts the other draws
     if trace_error_kind not in TRACE_ERROR_KINDS:
@@ -341,12 +359,15 @@ def generate_items(
     start: int = 0,
     render: bool = True,
     trace_error_kind: str = "count",
+    tasks: Sequence[str] = TASKS,
+    difficulties: Sequence[int] = DIFFICULTIES,
 ) -> list[dict[str, Any]]:
     """Rows `start` .. `start + n - 1` of a split (see `make_item`)."""
     if not 0.0 <= trace_error_rate <= 1.0:
         raise ValueError(f"trace_error_rate must be in [0, 1], got {trace_error_rate}")
+    tasks, difficulties = check_mix(tasks, difficulties)
     return [
-        make_item(i, seed, split, image_size, cell, trace_error_rate, render, trace_error_kind)
+        make_item(i, seed, split, image_size, cell, trace_error_rate, render, trace_error_kind, tasks, difficulties)
         for i in range(start, start + n)
     ]
 

@@ -224,3 +224,39 @@ def test_answer_kind_slip_keeps_the_reasoning_and_moves_the_box():
         assert boxed != clean["answer"]
         if not clean["options"]:
             assert int(boxed) == int(clean["answer"]) + 2
+
+
+def test_a_restricted_mix_is_balanced_over_its_own_pairs() -> None:
+    """`tasks`/`difficulties`: only the chosen pairs, each once per block of len(tasks) * len(levels) rows."""
+    tasks, levels = ("count", "arithmetic"), (1, 3)
+    rows = generate_items(40, seed=3, render=False, tasks=tasks, difficulties=levels)
+    for block in range(0, 40, 4):
+        assert sorted((r["subject"], r["difficulty"]) for r in rows[block:block + 4]) == sorted(
+            (t, d) for t in tasks for d in levels
+        )
+    assert all(r["answer"] == _recount(r) for r in rows)
+    full = generate_items(25, seed=3, render=False)  # the default is the full mix, unchanged
+    assert full == generate_items(25, seed=3, render=False, tasks=TASKS, difficulties=DIFFICULTIES)
+    assert Counter(r["subject"] for r in full) == dict.fromkeys(TASKS, 5)
+
+
+@pytest.mark.parametrize(("tasks", "levels", "match"), [
+    (("count", "sorting"), (1,), "tasks"), ((), (1,), "tasks"), (("count", "count"), (1,), "tasks"),
+    (("count",), (0, 1), "difficulties"), (("count",), (), "difficulties"),
+])
+def test_a_bad_mix_raises_naming_what_is_wrong(tasks, levels, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        generate_items(1, seed=0, tasks=tasks, difficulties=levels)
+
+
+def test_cli_mix_flags_reach_the_rows_and_meta(tmp_path: Path) -> None:
+    out = tmp_path / "mix"
+    cmd = [sys.executable, "-m", "app.make_data", str(out), "--n-train", "12", "--n-val", "6", "--quiet",
+           "--tasks", "two_images", "count", "--difficulties", "2", "3"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tasks"] == meta["args"]["tasks"] == ["two_images", "count"] and meta["difficulties"] == [2, 3]
+    assert set(meta["splits"]["train"]["by_task_difficulty"]) == {"two_images/2", "two_images/3", "count/2", "count/3"}
+    bad = subprocess.run([*cmd[:4], "--difficulties", "2", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--tasks/--difficulties" in bad.stderr and "[2, 2]" in bad.stderr
