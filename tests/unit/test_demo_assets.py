@@ -33,3 +33,13 @@ def test_data_with_another_task_mix_is_regenerated(tmp_path, tiny_model_dir, cap
     for split in ("train", "validation", "connector"):  # the connector stage's split has the same mix
         table = pq.read_table(next(data.glob(f"{split}-*.parquet")), columns=["subject", "difficulty"])
         assert set(zip(table["subject"].to_pylist(), table["difficulty"].to_pylist(), strict=True)) == wanted
+
+
+def test_data_made_before_the_mix_options_counts_as_the_full_mix(tmp_path, tiny_model_dir):
+    model, data = tiny_model_dir("internvl"), tmp_path / "data"
+    assert ensure_assets(model, data, 0.5, 6, 0, "count") is True
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["args"]["tasks"], meta["args"]["difficulties"]  # what an older make_data wrote
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert ensure_assets(model, data, 0.5, 6, 0, "count") is False
+    assert ensure_assets(model, data, 0.5, 6, 0, "count", ("count",)) is True
