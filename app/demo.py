@@ -36,8 +36,8 @@ DEMO_DIFFICULTIES = DIFFICULTIES
 def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_train: int, seed: int,
                   trace_error_kind: str = "count", tasks: Sequence[str] = DEMO_TASKS,
                   difficulties: Sequence[int] = DEMO_DIFFICULTIES) -> bool:
-    """Create the tiny model and the data unless they exist already (data made with other error settings is
-    made again). Returns whether anything was (re)built."""
+    """Create the tiny model and the data unless they exist already (data made with other error settings or
+    another task mix is made again). Returns whether anything was (re)built."""
     from app.make_data import write_dataset, write_split
     from modules.tiny import make_tiny
 
