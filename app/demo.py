@@ -22,20 +22,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.synthetic import DIFFICULTIES, TASKS, check_mix
+from datamodules.synthetic import DIFFICULTIES, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("sft", "grpo", "connector")
-# The demo's mix: all five tasks at all levels. The open counting tasks at levels 1-3 alone (`--tasks count
-# two_images arithmetic --difficulties 1 2 3`) were tried as the default and gave GRPO no gain (README, "Recipe
-# evidence").
-DEMO_TASKS = TASKS
-DEMO_DIFFICULTIES = DIFFICULTIES
 
 
 def ensure_assets(model_dir: Path, data_dir: Path, trace_error_rate: float, n_train: int, seed: int,
-                  trace_error_kind: str = "count", tasks: Sequence[str] = DEMO_TASKS,
-                  difficulties: Sequence[int] = DEMO_DIFFICULTIES) -> bool:
+                  trace_error_kind: str = "count", tasks: Sequence[str] = TASKS,
+                  difficulties: Sequence[int] = DIFFICULTIES) -> bool:
     """Create the tiny model and the data unless they exist already (data made with other error settings or
     another task mix is made again). Returns whether anything was (re)built."""
     from app.make_data import write_dataset, write_split
@@ -128,6 +123,8 @@ def print_table(results: dict[str, dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from app.make_data import add_mix_arguments, check_mix_arguments
+
     ap = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="where the stages write logs, checkpoints and exports")
@@ -138,10 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-error-kind", choices=("count", "answer"), default="count",
                     help="count: the listing misses an object (the box follows it); answer: right reasoning, "
                          "boxed answer off by two")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(DEMO_TASKS), metavar="TASK",
-                    help=f"synthetic tasks in the demo's data (default: all of {' '.join(DEMO_TASKS)})")
-    ap.add_argument("--difficulties", nargs="+", type=int, choices=DIFFICULTIES, default=list(DEMO_DIFFICULTIES),
-                    metavar="LEVEL", help="difficulty levels in the demo's data (default: 1 2 3 4 5)")
+    # The demo's data: the full mix. The open counting tasks at levels 1-3 alone (`--tasks count two_images
+    # arithmetic --difficulties 1 2 3`) were tried as the default and gave GRPO no gain (README, "Recipe evidence").
+    add_mix_arguments(ap)
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--eval-limit", type=int, default=150, help="held-out items scored per stage")
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per item at temperature 1.0")
@@ -154,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     out, model_dir, data_dir = Path(a.out), Path(a.model_dir), Path(a.data_dir)
     if a.fresh:
         clear_stages(out, "--fresh")
-    try:
-        check_mix(a.tasks, a.difficulties)
-    except ValueError as e:
-        ap.error(f"--tasks/--difficulties: {e}")
+    check_mix_arguments(ap, a)
     if ensure_assets(model_dir, data_dir, a.trace_error_rate, a.n_train, a.seed, a.trace_error_kind, a.tasks,
                      a.difficulties):
         clear_stages(out, "the model or data changed")  # exports trained on what was just replaced

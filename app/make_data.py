@@ -187,6 +187,22 @@ def write_dataset(
     return meta
 
 
+def add_mix_arguments(p: argparse.ArgumentParser) -> None:
+    """`--tasks` and `--difficulties` (default: the full mix), shared by this CLI and `app.demo`."""
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
+                   help=f"synthetic tasks to generate, balanced (default: all of {' '.join(TASKS)})")
+    p.add_argument("--difficulties", nargs="+", type=int, choices=DIFFICULTIES, default=list(DIFFICULTIES),
+                   metavar="LEVEL", help="difficulty levels to generate, balanced (default: 1 2 3 4 5)")
+
+
+def check_mix_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """A usage error (exit 2) naming the flags when the parsed mix repeats a task or a level."""
+    try:
+        check_mix(a.tasks, a.difficulties)
+    except ValueError as e:
+        p.error(f"--tasks/--difficulties: {e}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.make_data", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=Path, help="folder for the parquet shards and meta.json")
@@ -210,16 +226,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="count",
         help="count: the listing misses an object; answer: right reasoning, boxed answer off by two",
     )
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
-                   help=f"tasks to generate, balanced (default: all of {' '.join(TASKS)})")
-    p.add_argument("--difficulties", nargs="+", type=int, choices=DIFFICULTIES, default=list(DIFFICULTIES),
-                   metavar="LEVEL", help="difficulty levels to generate, balanced (default: 1 2 3 4 5)")
+    add_mix_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     a = p.parse_args(argv)
-    try:
-        check_mix(a.tasks, a.difficulties)
-    except ValueError as e:
-        p.error(f"--tasks/--difficulties: {e}")
+    check_mix_arguments(p, a)
     return a
 
 
