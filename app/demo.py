@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.synthetic import DIFFICULTIES, TASKS
+from datamodules.synthetic import DIFFICULTIES, TASKS, TRACE_ERROR_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("sft", "grpo", "connector")
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default="artifacts/data")
     ap.add_argument("--trace-error-rate", type=float, default=0.5,
                     help="share of cold-start traces with a deliberate error that RL can fix")
-    ap.add_argument("--trace-error-kind", choices=("count", "answer"), default="count",
-                    help="count: the listing misses an object (the box follows it); answer: right reasoning, "
-                         "boxed answer off by two")
+    ap.add_argument("--trace-error-kind", choices=TRACE_ERROR_KINDS, default="count",
+                    help="count: the listing misses an object (the box follows it); hasty: the same slip, in a "
+                         "trace that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two")
     # The demo's data: the full mix. The open counting tasks at levels 1-3 alone (`--tasks count two_images
     # arithmetic --difficulties 1 2 3`) were tried as the default and gave GRPO no gain (README, "Recipe evidence").
     add_mix_arguments(ap)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 
-from datamodules.synthetic import DIFFICULTIES, TASKS, check_mix, generate_items
+from datamodules.synthetic import DIFFICULTIES, TASKS, TRACE_ERROR_KINDS, check_mix, generate_items
 
 FEATURES = Features(
     {
@@ -222,9 +222,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--trace-error-kind",
-        choices=("count", "answer"),
+        choices=TRACE_ERROR_KINDS,
         default="count",
-        help="count: the listing misses an object; answer: right reasoning, boxed answer off by two",
+        help="count: the listing misses an object; hasty: the same slip in a trace opening with 'Quick look.'; "
+        "answer: right reasoning, boxed answer off by two",
     )
     add_mix_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -276,7 +276,8 @@ def _meta(drawn: Drawn, task: str, difficulty: int, slip: bool) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
-TRACE_ERROR_KINDS = ("count", "answer")
+TRACE_ERROR_KINDS = ("count", "answer", "hasty")
+HASTY_OPENER = "Quick look."  # opens a "hasty" slipped trace; no correct trace starts with it
 
 
 MISBOX_SHIFT = 2  # not 1: a tiny model's counts are often one short, and a +1 box would then be right by accident,
@@ -309,7 +310,8 @@ def make_item(
 ) -> dict[str, Any]:
     """One schema row (README "Data schema"), plus `meta`. Images are HF Image structs {bytes, path}.
 
-    `trace_error_kind`: "count" (the listing misses an object, see the module docstring) or "answer" (the
+    `trace_error_kind`: "count" (the listing misses an object, see the module docstring), "hasty" (the same slipped
+    trace, opened by `HASTY_OPENER`, so the habit is announced by the first response token) or "answer" (the
     reasoning is right but the boxed answer is off by two: the number + 2, or the option letter two further on).
 
     `tasks` and `difficulties` restrict the mix: each block of rows then holds every chosen (task, level) pair once.
@@ -327,9 +329,11 @@ def make_item(
     slip = bool(rng.random() < trace_error_rate)  # always drawn, so the rate never shifts the other draws
     if trace_error_kind not in TRACE_ERROR_KINDS:
         raise ValueError(f"trace_error_kind {trace_error_kind!r}: choose one of {TRACE_ERROR_KINDS}")
-    drawn = _BUILDERS[task](rng, difficulty, grid, slip and trace_error_kind == "count")
+    drawn = _BUILDERS[task](rng, difficulty, grid, slip and trace_error_kind in ("count", "hasty"))
     if slip and trace_error_kind == "answer":
         drawn.solution = misbox(drawn.solution, drawn.options)
+    if slip and trace_error_kind == "hasty":
+        drawn.solution = f"{HASTY_OPENER} {drawn.solution}"
     images = (
         [{"bytes": encode_png(render_image(s, image_size, cell)), "path": None} for s in drawn.scenes]
         if render
@@ -379,7 +383,7 @@ def SYNTH_VOCAB_TEXT(n: int = 500, seed: int = 12345) -> list[str]:  # noqa: N80
     """Sample texts for training the tiny tokenizer: questions (image markers removed: they are special tokens),
     solutions (correct and slipped), answers and option texts, plus every colour/shape word and digit."""
     texts: list[str] = []
-    for row in generate_items(n, seed, split="vocab", trace_error_rate=0.5, render=False):
+    for row in generate_items(n, seed, split="vocab", trace_error_rate=0.5, render=False, trace_error_kind="hasty"):
         texts += [_MARKER.sub("", row["question"]), row["solution"], row["answer"], *row["options"]]
     texts += [f"{c} {s} {s}s" for c in COLOURS for s in SHAPES] + [str(i) for i in range(100)]
     texts += [" ".join(CRITICAL_WORDS), " ".join(LETTERS)]

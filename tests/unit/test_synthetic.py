@@ -226,6 +226,29 @@ def test_answer_kind_slip_keeps_the_reasoning_and_moves_the_box():
             assert int(boxed) == int(clean["answer"]) + 2
 
 
+def test_hasty_kind_is_the_count_slip_announced_by_its_opening():
+    """trace_error_kind="hasty": the slipped trace is the "count" kind's, opened by HASTY_OPENER; clean traces (and
+    every validation trace) never open with it, so the habit is one decision at the first response token."""
+    from datamodules.synthetic import HASTY_OPENER, make_item
+
+    slipped = 0
+    for i in range(50):  # two blocks: every task and difficulty twice
+        count = make_item(i, 3, "train", trace_error_rate=0.5, render=False, trace_error_kind="count")
+        hasty = make_item(i, 3, "train", trace_error_rate=0.5, render=False, trace_error_kind="hasty")
+        assert hasty["answer"] == count["answer"]
+        if json.loads(hasty["meta"])["trace_error"]:
+            slipped += 1
+            assert hasty["solution"] == f"{HASTY_OPENER} {count['solution']}"
+            boxed = hasty["solution"].rsplit("\\boxed{", 1)[1].split("}")[0]
+            assert boxed != hasty["answer"]
+        else:
+            assert hasty["solution"] == count["solution"]
+            assert not hasty["solution"].startswith(HASTY_OPENER.split()[0])
+        val = make_item(i, 3, "validation", render=False, trace_error_kind="hasty")
+        assert not val["solution"].startswith(HASTY_OPENER.split()[0])
+    assert 10 < slipped < 40
+
+
 def test_a_restricted_mix_is_balanced_over_its_own_pairs() -> None:
     """`tasks`/`difficulties`: only the chosen pairs, each once per block of len(tasks) * len(levels) rows."""
     tasks, levels = ("count", "arithmetic"), (1, 3)
