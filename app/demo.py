@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="count: the listing misses an object (the box follows it); hasty: the same slip, in a "
                          "trace that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two")
     # The demo's data: the full mix. The open counting tasks at levels 1-3 alone (`--tasks count two_images
-    # arithmetic --difficulties 1 2 3`) were tried as the default and gave GRPO no gain (README, "Recipe evidence").
+    # arithmetic --difficulties 1 2 3`) were tried as the default and gave GRPO no gain; with `--trace-error-kind hasty
+    # --steps 1200 40 40` they gave +10.4 at T=1 over 3 seeds, greedy flat (README, "Recipe evidence").
     add_mix_arguments(ap)
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--eval-limit", type=int, default=150, help="held-out items scored per stage")
