@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.synthetic import DIFFICULTIES, TASKS, TRACE_ERROR_KINDS
+from datamodules.synthetic import DIFFICULTIES, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("sft", "grpo", "connector")
@@ -123,7 +123,7 @@ def print_table(results: dict[str, dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from app.make_data import add_mix_arguments, check_mix_arguments
+    from app.make_data import add_error_kind_argument, add_mix_arguments, check_mix_arguments
 
     ap = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default="artifacts/data")
     ap.add_argument("--trace-error-rate", type=float, default=0.5,
                     help="share of cold-start traces with a deliberate error that RL can fix")
-    ap.add_argument("--trace-error-kind", choices=TRACE_ERROR_KINDS, default="count",
-                    help="count: the listing misses an object (the box follows it); hasty: the same slip, in a "
-                         "trace that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two")
+    add_error_kind_argument(ap)
     # The demo's data: the full mix. The open counting tasks at levels 1-3 alone (`--tasks count two_images
     # arithmetic --difficulties 1 2 3`) were tried as the default and gave GRPO no gain; with `--trace-error-kind hasty
     # --steps 1200 40 40` they gave +10.4 at T=1 over 3 seeds, greedy flat (README, "Recipe evidence").

@@ -187,6 +187,13 @@ def write_dataset(
     return meta
 
 
+def add_error_kind_argument(p: argparse.ArgumentParser) -> None:
+    """`--trace-error-kind` (default "count"), shared by this CLI and `app.demo`."""
+    p.add_argument("--trace-error-kind", choices=TRACE_ERROR_KINDS, default="count",
+                   help="count: the listing misses an object (the box follows it); hasty: the same slip, in a trace "
+                        "that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two")
+
+
 def add_mix_arguments(p: argparse.ArgumentParser) -> None:
     """`--tasks` and `--difficulties` (default: the full mix), shared by this CLI and `app.demo`."""
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
@@ -220,13 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="fraction of train traces that miss one object, so their boxed answer is wrong (default 0.0)",
     )
-    p.add_argument(
-        "--trace-error-kind",
-        choices=TRACE_ERROR_KINDS,
-        default="count",
-        help="count: the listing misses an object; hasty: the same slip in a trace opening with 'Quick look.'; "
-        "answer: right reasoning, boxed answer off by two",
-    )
+    add_error_kind_argument(p)
     add_mix_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     a = p.parse_args(argv)

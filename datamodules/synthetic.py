@@ -277,6 +277,7 @@ def _meta(drawn: Drawn, task: str, difficulty: int, slip: bool) -> str:
 
 
 TRACE_ERROR_KINDS = ("count", "answer", "hasty")
+LISTING_SLIP_KINDS = ("count", "hasty")  # the kinds whose slipped trace misses an object in its listing
 HASTY_OPENER = "Quick look."  # opens a "hasty" slipped trace; no correct trace starts with it
 
 
@@ -329,7 +330,7 @@ def make_item(
     slip = bool(rng.random() < trace_error_rate)  # always drawn, so the rate never shifts the other draws
     if trace_error_kind not in TRACE_ERROR_KINDS:
         raise ValueError(f"trace_error_kind {trace_error_kind!r}: choose one of {TRACE_ERROR_KINDS}")
-    drawn = _BUILDERS[task](rng, difficulty, grid, slip and trace_error_kind in ("count", "hasty"))
+    drawn = _BUILDERS[task](rng, difficulty, grid, slip and trace_error_kind in LISTING_SLIP_KINDS)
     if slip and trace_error_kind == "answer":
         drawn.solution = misbox(drawn.solution, drawn.options)
     if slip and trace_error_kind == "hasty":
