@@ -187,19 +187,22 @@ def write_dataset(
     return meta
 
 
-def add_error_kind_argument(p: argparse.ArgumentParser) -> None:
-    """`--trace-error-kind` (default "count"), shared by this CLI and `app.demo`."""
-    p.add_argument("--trace-error-kind", choices=TRACE_ERROR_KINDS, default="count",
+def add_error_kind_argument(p: argparse.ArgumentParser, default: str = "count") -> None:
+    """`--trace-error-kind`, shared by this CLI (default "count") and `app.demo` (its own default)."""
+    p.add_argument("--trace-error-kind", choices=TRACE_ERROR_KINDS, default=default,
                    help="count: the listing misses an object (the box follows it); hasty: the same slip, in a trace "
-                        "that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two")
+                        f"that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two "
+                        f"(default: {default})")
 
 
-def add_mix_arguments(p: argparse.ArgumentParser) -> None:
-    """`--tasks` and `--difficulties` (default: the full mix), shared by this CLI and `app.demo`."""
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
-                   help=f"synthetic tasks to generate, balanced (default: all of {' '.join(TASKS)})")
-    p.add_argument("--difficulties", nargs="+", type=int, choices=DIFFICULTIES, default=list(DIFFICULTIES),
-                   metavar="LEVEL", help="difficulty levels to generate, balanced (default: 1 2 3 4 5)")
+def add_mix_arguments(p: argparse.ArgumentParser, tasks: Sequence[str] = TASKS,
+                      difficulties: Sequence[int] = DIFFICULTIES) -> None:
+    """`--tasks` and `--difficulties`, shared by this CLI (default: the full mix) and `app.demo` (its own mix)."""
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(tasks), metavar="TASK",
+                   help=f"synthetic tasks to generate, balanced, of {' '.join(TASKS)} (default: {' '.join(tasks)})")
+    p.add_argument("--difficulties", nargs="+", type=int, choices=DIFFICULTIES, default=list(difficulties),
+                   metavar="LEVEL", help="difficulty levels to generate, balanced, of 1-5 (default: "
+                                         f"{' '.join(map(str, difficulties))})")
 
 
 def check_mix_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:

@@ -20,9 +20,10 @@ def test_unknown_options_go_to_each_seeds_demo_and_the_summary_averages_them(tmp
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(recipe, "demo_main", fake_demo)
-    recipe.main(["--seeds", "0", "2", "--out", "b", "--trace-error-kind", "hasty", "--eval-samples", "4"])
+    recipe.main(["--seeds", "0", "2", "--out", "b", "--trace-error-kind", "count", "--eval-samples", "3"])
     assert [c[c.index("--seed") + 1] for c in calls] == ["0", "2"]
-    assert all(c[-4:] == ["--trace-error-kind", "hasty", "--eval-samples", "4"] for c in calls)
+    assert all(c[-2:] == ["--trace-error-kind", "count"] for c in calls)
+    assert all(c[c.index("--eval-samples") + 1] == "3" and c[c.index("--eval-limit") + 1] == "300" for c in calls)
     summary = (tmp_path / "b" / "summary.md").read_text()
     assert "| sft | 0.200 ± 0.141 | 0.200 ± 0.000 | 1.000 ± 0.000 | 2 |" in summary
     recipe.main(["--seeds", "0", "2", "--out", "b"])  # results already there: no seed runs again
