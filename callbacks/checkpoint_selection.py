@@ -47,7 +47,8 @@ class CheckpointSelectionCallback(Callback):
         accuracy_key: callback metric holding validation accuracy.
         entropy_key: callback metric holding critical-token entropy (``CriticalEntropyCallback``).
         mean_entropy_key: callback metric holding the mean token entropy, for spike detection (None = off).
-        export_dir: where the picked checkpoint is written as a Hugging Face folder (None = no export).
+        export: write the picked checkpoint as a Hugging Face folder at fit end.
+        export_dir: where to write it. Default: `<trainer.default_root_dir>/selected`, beside the stage's `export`.
         dirpath: folder of the candidates' weights-only checkpoints (default: ``<log_dir>/selection``).
         keep_unpicked: keep the candidates' checkpoints that were not picked (False deletes them at fit end;
             they are only needed to export a different pick later).
@@ -61,13 +62,14 @@ class CheckpointSelectionCallback(Callback):
         accuracy_key: str = "val/accuracy",
         entropy_key: str = "entropy/critical",
         mean_entropy_key: str | None = "entropy/all_tokens",
+        export: bool = True,
         export_dir: str | None = None,
         dirpath: str | None = None,
         keep_unpicked: bool = True,
     ):
         self.acc_tolerance, self.spike_factor, self.spike_window = acc_tolerance, spike_factor, spike_window
         self.accuracy_key, self.entropy_key, self.mean_entropy_key = accuracy_key, entropy_key, mean_entropy_key
-        self.export_dir, self.dirpath, self.keep_unpicked = export_dir, dirpath, keep_unpicked
+        self.export_enabled, self.export_dir, self.dirpath, self.keep_unpicked = export, export_dir, dirpath, keep_unpicked
         self.candidates: list[CheckpointCandidate] = []
         self.picked: CheckpointCandidate | None = None
 
@@ -115,20 +117,20 @@ class CheckpointSelectionCallback(Callback):
         rank_zero_info(f"checkpoint selection -> {out} ({summary})")
         if self.picked is None:
             rank_zero_warn("CheckpointSelectionCallback: no candidate qualified; nothing exported")
-        elif self.export_dir and trainer.is_global_zero:
-            self.export(pl_module, self.picked)
+        elif self.export_enabled and trainer.is_global_zero:
+            self.export(pl_module, self.picked, Path(self.export_dir or Path(trainer.default_root_dir) / "selected"))
         if not self.keep_unpicked and trainer.is_global_zero:
             for c in self.candidates:
                 if c is not self.picked:
                     Path(c.path).unlink(missing_ok=True)
         trainer.strategy.barrier("checkpoint_selection")
 
-    def export(self, pl_module: LightningModule, picked: CheckpointCandidate) -> Path:
+    def export(self, pl_module: LightningModule, picked: CheckpointCandidate, out_dir: Path) -> Path:
         """Load the picked weights into ``pl_module`` and write its policy as a Hugging Face folder."""
         # weights_only: a checkpoint is data, never code (this app's checkpoints hold only tensors and plain types)
         ckpt = torch.load(picked.path, map_location="cpu", weights_only=True)
         pl_module.load_state_dict(ckpt["state_dict"])
-        out = export_hf(pl_module.policy, pl_module.processor, self.export_dir)
+        out = export_hf(pl_module.policy, pl_module.processor, out_dir)
         rank_zero_info(f"exported picked checkpoint (step {picked.step}) to {out}")
         return out
 

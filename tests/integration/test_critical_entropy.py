@@ -38,8 +38,8 @@ def test_fit_logs_entropy_selects_and_exports(tmp_path: Path):
     # A random-init model almost never samples "Wait", so entropy/critical is NaN here and the policy would
     # refuse every candidate; select on the (always finite) mean entropy to exercise the export path. The
     # critical-token path itself is checked on hand-built ids in tests/unit/test_critical_entropy_callback.py.
-    select_cb = CheckpointSelectionCallback(export_dir=str(tmp_path / "picked"), acc_tolerance=1.0,
-                                            entropy_key="entropy/all_tokens", mean_entropy_key=None)
+    select_cb = CheckpointSelectionCallback(acc_tolerance=1.0, entropy_key="entropy/all_tokens",
+                                            mean_entropy_key=None)  # exports to <default_root_dir>/selected
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="entropy/critical", mode="max", save_top_k=2)
     logger = TensorBoardLogger(save_dir=str(tmp_path / "runs"), name="tb")
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=4, val_check_interval=2,
@@ -77,7 +77,7 @@ def test_fit_logs_entropy_selects_and_exports(tmp_path: Path):
 
     import modules.processors  # noqa: F401  (registers the image-only processors)
 
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "picked", local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "selected", local_files_only=True)
     picked = torch.load(report["picked"]["path"], map_location="cpu", weights_only=False)  # this run wrote it
     ref = {k.removeprefix("policy."): v for k, v in picked["state_dict"].items()}
     own = model.state_dict()
