@@ -8,6 +8,9 @@ the mean training reward of the last 10 steps. Prints mean ± standard deviation
 `staged` switches from normal to hard items halfway through the budget (`--staged-switch`, default steps // 2):
 the shipped overlay's step-100 switch would never fire in a short run.
 
+The prompts are the demo's tasks at every level, 1-5 (`artifacts/data-curriculum`, made when missing): the demo's
+own data stop at level 3, so its cold start meets levels 4-5 here as the paper's "hard problems".
+
     python -m bench.curriculum [--sft runs/demo/sft/export] [--seeds 0 1 2] [--steps 30] [--limit 150]
 """
 
@@ -54,6 +57,23 @@ def train_reward(run_dir: Path, last: int = 10) -> float:
             values += [(e.step, e.value) for e in ea.Scalars("train/reward")]
     values.sort()
     return statistics.mean(v for _, v in values[-last:]) if values else float("nan")
+
+
+def ensure_data(data: Path, n_train: int = 10000, n_val: int = 600) -> None:
+    """Make the five-level data when missing; refuse data without both normal and hard levels."""
+    meta = data / "meta.json"
+    if not meta.exists():
+        from app.demo import DEMO_TASKS
+        from app.make_data import write_dataset
+        from datamodules.synthetic import DIFFICULTIES
+
+        print(f"generating {data}: the demo's tasks {' '.join(DEMO_TASKS)} at levels 1-5", flush=True)
+        write_dataset(data, n_train=n_train, n_val=n_val, seed=0, tasks=DEMO_TASKS, difficulties=DIFFICULTIES,
+                      quiet=True)
+    levels = {str(d) for d in json.loads(meta.read_text()).get("difficulties", NORMAL + HARD)}  # older: all levels
+    if not (levels & set(NORMAL) and levels & set(HARD)):
+        raise SystemExit(f"--data {data}: made with difficulty levels {sorted(levels)}; the benchmark compares normal "
+                         f"({'-'.join(NORMAL[::2])}) and hard ({'-'.join(HARD)}) items, so it needs both")
 
 
 def run_one(strategy: str, seed: int, sft: Path, data: Path, steps: int, out: Path, limit: int,
@@ -104,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.curriculum", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft", default="runs/demo/sft/export", help="cold-start export (run `make demo` first)")
-    ap.add_argument("--data", default="artifacts/data")
+    ap.add_argument("--data", default="artifacts/data-curriculum",
+                    help="prompts with normal and hard levels (default: made when missing, the demo's tasks at 1-5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--staged-switch", type=int, default=None, help="staged: switch step (default steps // 2)")
@@ -115,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     sft, data, out = Path(a.sft), Path(a.data), Path(a.out)
     if not (sft / "config.json").exists():
         raise SystemExit(f"--sft {sft}: no export there; run `make demo` (or the SFT stage) first")
+    ensure_data(data)
     from app.evaluate import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
