@@ -73,7 +73,7 @@ def ensure_data(data: Path, n_train: int = 10000, n_val: int = 600) -> None:
     levels = {str(d) for d in json.loads(meta.read_text()).get("difficulties", NORMAL + HARD)}  # older: all levels
     if not (levels & set(NORMAL) and levels & set(HARD)):
         raise SystemExit(f"--data {data}: made with difficulty levels {sorted(levels)}; the benchmark compares normal "
-                         f"({'-'.join(NORMAL[::2])}) and hard ({'-'.join(HARD)}) items, so it needs both")
+                         f"({NORMAL[0]}-{NORMAL[-1]}) and hard ({HARD[0]}-{HARD[-1]}) items, so it needs both")
 
 
 def run_one(strategy: str, seed: int, sft: Path, data: Path, steps: int, out: Path, limit: int,
