@@ -191,7 +191,7 @@ def add_error_kind_argument(p: argparse.ArgumentParser, default: str = "count") 
     """`--trace-error-kind`, shared by this CLI (default "count") and `app.demo` (its own default)."""
     p.add_argument("--trace-error-kind", choices=TRACE_ERROR_KINDS, default=default,
                    help="count: the listing misses an object (the box follows it); hasty: the same slip, in a trace "
-                        f"that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two "
+                        "that opens with 'Quick look.'; answer: right reasoning, boxed answer off by two "
                         f"(default: {default})")
 
 
