@@ -16,7 +16,9 @@ def test_missing_data_is_made_with_normal_and_hard_levels_of_the_demos_tasks(tmp
     ensure_data(tmp_path / "d", n_train=30, n_val=15)
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["difficulties"] == [1, 2, 3, 4, 5] and meta["tasks"] == list(DEMO_TASKS)
-    ensure_data(tmp_path / "d", n_train=30, n_val=15)  # present and usable: kept
+    written = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "d").iterdir()}
+    ensure_data(tmp_path / "d", n_train=30, n_val=15)  # present and usable: kept as it is
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "d").iterdir()} == written
 
 
 def test_data_without_hard_levels_is_refused_naming_the_folder(tmp_path):
