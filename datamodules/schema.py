@@ -150,6 +150,21 @@ def validate_row(
     )  # fmt: skip
 
 
+def index_fields(raw: dict[str, Any], limits: RowLimits = RowLimits()) -> tuple[str, int | None] | Skip:
+    """(id, difficulty) of a raw row, the part of `validate_row` that ordering needs and set-up can check without
+    reading the rest of the row; a `Skip` (`bad_json`, `missing_id`, `bad_text_encoding`, `bad_difficulty`)
+    otherwise."""
+    try:
+        if BAD_LINE_KEY in raw:
+            raise _SkipRow(BAD_JSON, str(raw[BAD_LINE_KEY]))
+        row_id = _text(raw.get("id"), "id")
+        if not row_id:
+            raise _SkipRow(MISSING_ID, "id is empty or missing")
+        return row_id, _difficulty(raw.get("difficulty"), limits)
+    except _SkipRow as skip:
+        return Skip(skip.reason, _shown(raw.get("id")), skip.detail)
+
+
 def _shown(value: Any) -> str:
     """The id as printable text, whatever it is."""
     if isinstance(value, bytes):

@@ -55,6 +55,11 @@ class PromptBatch:
     records: list[dict[str, Any]]
     labels: torch.Tensor | None = None
     vision_rows: dict[str, list[int]] = field(default_factory=dict)  # rows of each vision tensor per sample
+    # serving: the ids the sampler asked for (a bad row is replaced by the next valid one), the rows skipped
+    # while serving this batch (`datamodules.schema.Skip`) and how many rows were read for it
+    requested_ids: list[str] | None = None
+    skipped: list[Any] = field(default_factory=list)
+    rows_read: int = 0
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -71,6 +76,9 @@ class PromptBatch:
             records=self.records,
             labels=None if self.labels is None else self.labels.to(device),
             vision_rows=self.vision_rows,
+            requested_ids=self.requested_ids,
+            skipped=self.skipped,
+            rows_read=self.rows_read,
         )
 
 

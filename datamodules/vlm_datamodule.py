@@ -1,9 +1,15 @@
-"""The multimodal DataModule: prompt-schema files -> validated records -> chat-formatted, left-padded batches.
+"""The multimodal DataModule: prompt-schema files -> a lazy row index -> rows read, validated and decoded when
+served -> chat-formatted, left-padded batches.
 
-RL mode serves prompts (with answer, options and type carried along for the rewards) through a `BatchServer`
-whose ordering strategy a curriculum callback can swap; SFT mode serves prompt + `solution` with labels on the
-reply only. The served position (and the strategy's state) is part of the checkpoint, so a resumed run
-neither repeats nor skips prompts. Rows are sharded by rank before anything is served.
+Set-up reads only what ordering needs (ids and difficulty: a column read of each parquet file, one pass over a
+JSONL file) into a `RowIndex`; rows and their images are read and decoded when a batch is served, in the
+DataLoader workers when `num_workers > 0`, so memory does not grow with the data set (README, "Data"). A bad row
+found when served is skipped, counted and replaced by the next row (`datamodules.serving`); `validate: full`
+scans every row up front instead. RL mode serves prompts (with answer, options and type carried along for the
+rewards) through a `BatchServer` whose ordering strategy a curriculum callback can swap; SFT mode serves
+prompt + `solution` with labels on the reply only. The served position (and the strategy's state) is part of
+the checkpoint, so a resumed run neither repeats nor skips prompts. Rows are sharded by rank before anything is
+served.
 """
 
 from __future__ import annotations
@@ -16,26 +22,18 @@ from typing import Any
 
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
 
-from datamodules.ordering import BatchServer, RowMeta, run_seed
+from datamodules.ordering import BatchServer, run_seed
 from datamodules.prompting import PromptCollator
-from datamodules.row_io import iter_records
-from datamodules.schema import RowLimits, SkipCounter, check_skip_fraction
+from datamodules.row_index import RowIndex, build_index
+from datamodules.row_io import ColumnMap, iter_records
+from datamodules.schema import RowLimits, Skip, SkipCounter, check_skip_fraction
+from datamodules.serving import LazyPrompts, MonitoredLoader, RecordsView, ServingCollator, SkipMonitor
 from datamodules.types import PromptBatch, PromptRecord
 
+VALIDATE_MODES = ("serve", "full")
+
 log = logging.getLogger(__name__)
-
-
-class RecordDataset(Dataset):
-    def __init__(self, records: list[PromptRecord]):
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> PromptRecord:
-        return self.records[i]
 
 
 def expand_files(spec: str | list[str]) -> list[Path]:
@@ -79,14 +77,24 @@ class VLMDataModule(LightningDataModule):
         train_limit: use at most this many training rows, the first in file order (None = all). A small, fixed
             RL prompt pool revisited over several epochs: on the embedded default, 40 GRPO steps on a 64-prompt
             pool beat 160 fresh prompts in greedy held-out accuracy in 3 of 3 seeds (README, "Recipe evidence").
+            With `validate: serve` these are the first rows with a valid id and difficulty; with `full`, the
+            first fully valid rows.
         val_limit: use at most this many validation rows.
         max_prompt_length: longest prompt (image tokens included) allowed; checked before the first step.
         max_length: longest prompt + reply in SFT mode.
         system_prompt: optional system message.
         seed: seed of the served order (None: the run's `seed_everything`).
-        num_workers: DataLoader workers.
-        max_skip_fraction: stop when more than this share of rows is invalid.
+        num_workers: DataLoader workers (rows are read and images decoded in them).
+        max_skip_fraction: stop when more than this share of rows is invalid (of the rows served so far, with
+            `validate: serve`).
         preflight_sample: rows checked for length before training (0 = all).
+        validate: "serve" (default): set-up reads ids and difficulty only, every other check (images decoded
+            included) runs when a row is served, and a bad row is skipped, counted and replaced by the next row;
+            "full": every row is read, validated and decoded once at set-up (bad rows never served; the skip
+            fraction is checked on the whole data set before step 1), then served lazily as well.
+        columns: schema field -> your file's column, for data sets with their own names, e.g. `{question:
+            problem, answer: final_answer, images: image}`. A single `image` column and MMMU-style `image_1` ..
+            `image_7` columns are taken as `images` without a mapping.
     """
 
     def __init__(self, train_files: str | list[str], val_files: str | list[str] | None = None,
@@ -94,20 +102,33 @@ class VLMDataModule(LightningDataModule):
                  val_batch_size: int | None = None, train_limit: int | None = None, val_limit: int | None = None,
                  max_prompt_length: int = 512,
                  max_length: int = 1024, system_prompt: str | None = None, seed: int | None = None, num_workers: int = 0,
-                 max_skip_fraction: float = 0.01, preflight_sample: int = 64):
+                 max_skip_fraction: float = 0.01, preflight_sample: int = 64, validate: str = "serve",
+                 columns: dict[str, str] | None = None):
         super().__init__()
         if mode not in ("rl", "sft"):
             raise ValueError(f"data.mode must be 'rl' or 'sft', got {mode!r}")
+        if validate not in VALIDATE_MODES:
+            raise ValueError(f"data.validate must be one of {VALIDATE_MODES}, got {validate!r}")
         for flag, value in (("train_limit", train_limit), ("val_limit", val_limit)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{flag} must be >= 1 (or null for all rows), got {value}")
+        self.column_map = ColumnMap(columns)
         self.save_hyperparameters()
         self.batch_server: BatchServer | None = None
-        self.train_records: list[PromptRecord] = []
-        self.val_records: list[PromptRecord] = []
+        self.datasets: dict[str, LazyPrompts] = {}
         self.skips: dict[str, SkipCounter] = {}
+        self.monitors: dict[str, SkipMonitor] = {}
         self.collator: PromptCollator | None = None
         self._pending_state: dict | None = None
+
+    @property
+    def train_records(self) -> RecordsView | list:
+        """Training rows as records, decoded on access (`[]` before set-up)."""
+        return self.datasets["train"].records() if "train" in self.datasets else []
+
+    @property
+    def val_records(self) -> RecordsView | list:
+        return self.datasets["val"].records() if "val" in self.datasets else []
 
     def connect(self, processor: Any) -> None:
         """Use an already-loaded processor (the module's), instead of loading it from processor_path."""
@@ -128,71 +149,95 @@ class VLMDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         h = self.hparams
         self._processor()
-        if stage == "fit" and not self.train_records:
-            records, self.skips["train"] = load_records(h.train_files, h.max_skip_fraction, limit=h.train_limit)
-            self.train_records = self._shard(records)
-            self._report("train", self.skips["train"], len(self.train_records), h.train_limit)
-            self.preflight(self.train_records)
-            self.batch_server = BatchServer([RowMeta(r.id, r.difficulty) for r in self.train_records],
-                                            batch_size=h.batch_size, seed=run_seed(h.seed) + self._rank())
+        if stage == "fit" and "train" not in self.datasets:
+            self.datasets["train"] = self._dataset("train", h.train_files, h.train_limit, fill=True)
+            self.preflight(self.datasets["train"])
+            self.batch_server = BatchServer(self.datasets["train"].index.meta(), batch_size=h.batch_size,
+                                            seed=run_seed(h.seed) + self._rank())
             if self._pending_state is not None:
                 self.batch_server.load_state_dict(self._pending_state)
                 self._pending_state = None
-        if h.val_files and not self.val_records and stage in ("fit", "validate"):
-            records, self.skips["val"] = load_records(h.val_files, h.max_skip_fraction, limit=h.val_limit)
-            self.val_records = self._shard(records)
-            self._report("val", self.skips["val"], len(self.val_records), h.val_limit)
+        if h.val_files and "val" not in self.datasets and stage in ("fit", "validate"):
+            self.datasets["val"] = self._dataset("val", h.val_files, h.val_limit, fill=False)
 
-    def _rank(self) -> tuple[int, int] | int:
+    def _dataset(self, split: str, spec: str | list[str], limit: int | None, fill: bool) -> LazyPrompts:
+        """Index the split's files, shard the index by rank, and (validate: full) scan every row."""
+        h = self.hparams
+        limits, skips = RowLimits(), SkipCounter()
+        full = h.validate == "full"
+        index = build_index(expand_files(spec), self.column_map, limits, skips, limit=None if full else limit)
+        if full:
+            index = full_scan(index, limits, skips, limit, h.max_skip_fraction, source=str(spec), split=split)
+        else:
+            check_skip_fraction(skips, len(index) + skips.total, h.max_skip_fraction, source=str(spec))
+        index = self._shard(index)
+        self.skips[split] = skips
+        self.monitors[split] = SkipMonitor(skips, h.max_skip_fraction, f"data/{split}", len(index))
+        self._report(split, skips, len(index), limit)
+        return LazyPrompts(index, limits, fill=fill)
+
+    def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    def _shard(self, records: list[PromptRecord]) -> list[PromptRecord]:
+    def _shard(self, index: RowIndex) -> RowIndex:
         """Rank r keeps rows r, r+W, r+2W...: disjoint shards, so a group never spans ranks."""
         world = self.trainer.world_size if self.trainer is not None else 1
-        return records[self._rank()::world] if world > 1 else records
+        return index.select(range(self._rank(), len(index), world)) if world > 1 else index
 
     def _report(self, split: str, skips: SkipCounter, kept: int, limit: int | None = None) -> None:
-        msg = f"data/{split}: {kept} rows served" + (f" (limited to the first {limit})" if limit else "")
+        msg = f"data/{split}: {kept} rows indexed" + (f" (limited to the first {limit})" if limit else "")
+        if self.hparams.validate == "serve":
+            msg += "; rows are validated and decoded when served"
         if skips.total:
             msg += f"; skipped {skips.total} bad rows: {skips.summary()}"
         rank_zero_info(msg)
 
-    def preflight(self, records: list[PromptRecord]) -> None:
-        """Prompt (and SFT reply) length on a sample must fit; report and stop otherwise, never truncate."""
+    def preflight(self, data: LazyPrompts) -> None:
+        """Prompt (and SFT reply) length on a sample must fit; report and stop otherwise, never truncate.
+
+        The sample is the first `preflight_sample` rows (all when 0), read one chunk at a time; bad rows among
+        them are left to serving, which skips and counts them."""
         h = self.hparams
-        sample = records if h.preflight_sample == 0 else records[: h.preflight_sample]
-        too_long, longest = [], 0
-        for r in sample:
-            n = self.collator.prompt_length(r)
-            if h.mode == "sft":
-                n += len(self.collator.tokenizer(r.solution or "")["input_ids"]) + 1
-            longest = max(longest, n)
-            limit = h.max_length if h.mode == "sft" else h.max_prompt_length
-            if n > limit:
-                too_long.append((r.id, n))
+        n = len(data) if h.preflight_sample == 0 else min(h.preflight_sample, len(data))
+        too_long, longest, checked = [], 0, 0
+        limit = h.max_length if h.mode == "sft" else h.max_prompt_length
+        for start in range(0, n, 32):
+            for r in data.load(list(range(start, min(start + 32, n)))):
+                if isinstance(r, Skip):
+                    continue
+                checked += 1
+                m = self.collator.prompt_length(r)
+                if h.mode == "sft":
+                    m += len(self.collator.tokenizer(r.solution or "")["input_ids"]) + 1
+                longest = max(longest, m)
+                if m > limit:
+                    too_long.append((r.id, m))
         if too_long:
             which = "max_length" if h.mode == "sft" else "max_prompt_length"
-            raise ValueError(f"{len(too_long)} of {len(sample)} sampled rows exceed data.{which}="
-                             f"{h.max_length if h.mode == 'sft' else h.max_prompt_length} (longest {longest} "
-                             f"tokens, first ids {too_long[:5]}); raise the limit or filter those rows")
+            raise ValueError(f"{len(too_long)} of {checked} sampled rows exceed data.{which}={limit} (longest "
+                             f"{longest} tokens, first ids {too_long[:5]}); raise the limit or filter those rows")
         rank_zero_info(f"pre-flight: longest sampled {'sequence' if h.mode == 'sft' else 'prompt'} {longest} tokens")
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(RecordDataset(self.train_records), batch_sampler=self.batch_server,
-                          collate_fn=self.collator, num_workers=self.hparams.num_workers)
+    def train_dataloader(self) -> MonitoredLoader:
+        return MonitoredLoader(self.datasets["train"], batch_sampler=self.batch_server,
+                               collate_fn=ServingCollator(self.collator), num_workers=self.hparams.num_workers,
+                               monitor=self.monitors["train"])
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> MonitoredLoader:
         h = self.hparams
-        return DataLoader(RecordDataset(self.val_records), batch_size=h.val_batch_size or h.batch_size,
-                          shuffle=False, collate_fn=self.collator, num_workers=h.num_workers)
+        return MonitoredLoader(self.datasets["val"], batch_size=h.val_batch_size or h.batch_size, shuffle=False,
+                               collate_fn=ServingCollator(self.collator), num_workers=h.num_workers,
+                               monitor=self.monitors["val"])
 
     def on_before_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> PromptBatch:
         if self.trainer is not None and self.trainer.training and self.batch_server is not None:
-            self.batch_server.mark_consumed(batch.ids)
+            self.batch_server.mark_consumed(batch.requested_ids or batch.ids)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch_server": self.batch_server.state_dict()} if self.batch_server is not None else {}
+        if self.batch_server is None:
+            return {}
+        return {"batch_server": self.batch_server.state_dict(), "served_skips": self.monitors["train"].state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "batch_server" not in state:
@@ -201,3 +246,31 @@ class VLMDataModule(LightningDataModule):
             self._pending_state = state["batch_server"]
         else:
             self.batch_server.load_state_dict(state["batch_server"])
+        if "served_skips" in state and "train" in self.monitors:
+            self.monitors["train"].load_state_dict(state["served_skips"])
+
+
+def full_scan(index: RowIndex, limits: RowLimits, skips: SkipCounter, limit: int | None, max_skip_fraction: float,
+              source: str, split: str) -> RowIndex:
+    """`validate: full`: read, validate and decode every row once (nothing kept but the verdict); the index keeps
+    the first `limit` valid rows, and the run stops here when too many were bad."""
+    from tqdm.auto import tqdm
+
+    data, good = LazyPrompts(index, limits), []
+    bar = tqdm(total=len(index) if limit is None else limit, desc=f"validating {split} rows", unit="row",
+               disable=None)
+    for start in range(0, len(index), 64):
+        chunk = list(range(start, min(start + 64, len(index))))
+        for i, got in zip(chunk, data.load(chunk), strict=True):
+            if limit is not None and len(good) >= limit:
+                break
+            if isinstance(got, Skip):
+                skips.add(got)
+            else:
+                good.append(i)
+                bar.update(1)
+        if limit is not None and len(good) >= limit:
+            break
+    bar.close()
+    check_skip_fraction(skips, len(good) + skips.total, max_skip_fraction, source=source)
+    return index.select(good)

@@ -1,7 +1,9 @@
 """Hostile data through the real VLMDataModule: one data folder holds every kind of bad row at once.
 
 Each bad row is skipped and counted under its own reason (one row per reason in `SKIP_REASONS`), every good row is
-served in one epoch, nothing else is dropped, and a string from the data file is never run as code.
+served in one epoch, nothing else is dropped, and a string from the data file is never run as code. Both ways of
+validating: `validate: full` (every row checked at set-up, only good rows served) and the default `serve` (rows
+checked when served: a bad row is counted and replaced by the next good one, batches stay full).
 """
 
 from __future__ import annotations
@@ -87,11 +89,15 @@ _DROP = object()
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("hostile")
-    data, good_ids, pwned = _build(tmp)
+def built(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.fixture(scope="module")
+def hostile(built, tiny_model_dir):
+    data, good_ids, pwned = built
     dm = VLMDataModule(train_files=str(data), processor_path=str(tiny_model_dir("internvl")), batch_size=4,
-                       max_prompt_length=512, max_skip_fraction=0.5)
+                       max_prompt_length=512, max_skip_fraction=0.5, validate="full")
     dm.setup("fit")
     return dm, good_ids, pwned
 
@@ -128,6 +134,42 @@ def test_too_many_bad_rows_stop_the_run_with_the_reasons(hostile, tiny_model_dir
     dm, _, _ = hostile
     folder = dm.hparams.train_files
     strict = VLMDataModule(train_files=folder, processor_path=str(tiny_model_dir("internvl")), batch_size=4,
-                           max_prompt_length=512)  # default: at most 1% of rows may be bad
+                           max_prompt_length=512, validate="full")  # default: at most 1% of rows may be bad
     with pytest.raises(SkipFractionError, match="options_not_a_list"):
         strict.setup("fit")
+
+
+# ------------------------------------------------------------------------------- validate: serve (the default)
+SET_UP_REASONS = {"missing_id", "bad_difficulty", "bad_json"}  # what ordering reads: checked when indexing
+
+
+def test_served_rows_skip_each_bad_row_under_its_reason_and_keep_batches_full(built, tiny_model_dir):
+    data, good_ids, pwned = built
+    dm = VLMDataModule(train_files=str(data), processor_path=str(tiny_model_dir("internvl")), batch_size=1,
+                       max_prompt_length=512, max_skip_fraction=0.5)
+    dm.setup("fit")
+    skips = dm.skips["train"]
+    assert skips.counts == dict.fromkeys(SET_UP_REASONS, 1), skips.summary()  # only what the index reads
+    n_rows = len(good_ids) + len(SKIP_REASONS) - len(SET_UP_REASONS)
+    assert len(dm.datasets["train"]) == n_rows
+    served: list[str] = []
+    for batch in dm.train_dataloader():  # batch 1: one epoch asks for every indexed row once
+        assert len(batch.records) == 1 and batch.ids[0] in good_ids
+        served += batch.ids
+    assert len(served) == n_rows and set(served) == good_ids  # bad rows replaced by good ones; every good row served
+    assert skips.counts == dict.fromkeys(SKIP_REASONS, 1), skips.summary()  # now every reason, once
+    assert dm.monitors["train"].rows_read >= n_rows
+    assert not pwned.exists()
+
+
+def test_served_bad_rows_past_the_fraction_stop_the_run(built, tiny_model_dir):
+    from datamodules.schema import SkipFractionError
+
+    data, _, _ = built
+    dm = VLMDataModule(train_files=str(data), processor_path=str(tiny_model_dir("internvl")), batch_size=4,
+                       max_prompt_length=512, max_skip_fraction=0.06)  # the 3 set-up skips of 56 rows pass
+    dm.setup("fit")
+    with pytest.raises(SkipFractionError, match=r"data/train \(rows served so far\): skipped"):
+        for _ in range(3):
+            for _batch in dm.train_dataloader():
+                pass
