@@ -41,6 +41,7 @@ class ServedRows(list):
         self.requested = requested
         self.skipped: list[Skip] = []
         self.read = 0
+        self.stream_state: Any = None  # streaming only: (worker id, stream state after the last row)
 
 
 class LazyPrompts(Dataset):
@@ -145,6 +146,7 @@ class ServingCollator:
         batch.requested_ids = list(getattr(rows, "requested", batch.ids))
         batch.skipped = list(getattr(rows, "skipped", []))
         batch.rows_read = int(getattr(rows, "read", len(rows)))
+        batch.stream_state = getattr(rows, "stream_state", None)
         return batch
 
 
@@ -192,6 +194,8 @@ class MonitoredLoader(DataLoader):
         self.monitor = monitor
 
     def __iter__(self) -> Iterator[PromptBatch]:
+        if hasattr(self.dataset, "begin_epoch"):  # a stream counts its epochs here, in the main process
+            self.dataset.begin_epoch()
         for batch in super().__iter__():
             if self.monitor is not None:
                 self.monitor.record(batch)

@@ -60,6 +60,7 @@ class PromptBatch:
     requested_ids: list[str] | None = None
     skipped: list[Any] = field(default_factory=list)
     rows_read: int = 0
+    stream_state: Any = None  # streaming: (worker id, the stream's state after this batch's last row)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -79,6 +80,7 @@ class PromptBatch:
             requested_ids=self.requested_ids,
             skipped=self.skipped,
             rows_read=self.rows_read,
+            stream_state=self.stream_state,
         )
 
 

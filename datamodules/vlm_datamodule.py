@@ -17,18 +17,20 @@ from __future__ import annotations
 import glob
 import itertools
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.ordering import BatchServer, run_seed
+from datamodules.ordering import BatchServer, OrderingStrategy, RandomOrder, run_seed
 from datamodules.prompting import PromptCollator
 from datamodules.row_index import RowIndex, build_index
 from datamodules.row_io import ColumnMap, iter_records
 from datamodules.schema import RowLimits, Skip, SkipCounter, check_skip_fraction
 from datamodules.serving import LazyPrompts, MonitoredLoader, RecordsView, ServingCollator, SkipMonitor
+from datamodules.streaming import StreamingPrompts
 from datamodules.types import PromptBatch, PromptRecord
 
 VALIDATE_MODES = ("serve", "full")
@@ -95,6 +97,10 @@ class VLMDataModule(LightningDataModule):
         columns: schema field -> your file's column, for data sets with their own names, e.g. `{question:
             problem, answer: final_answer, images: image}`. A single `image` column and MMMU-style `image_1` ..
             `image_7` columns are taken as `images` without a mapping.
+        streaming: read the training files through `datasets`' streaming IterableDataset (nothing indexed; for
+            data that is not local or does not fit on disk). Only the random order is served (no curriculum
+            strategy that needs the whole index); validation files are still indexed.
+        shuffle_buffer: rows in the streaming shuffle buffer (0: file order).
     """
 
     def __init__(self, train_files: str | list[str], val_files: str | list[str] | None = None,
@@ -103,7 +109,7 @@ class VLMDataModule(LightningDataModule):
                  max_prompt_length: int = 512,
                  max_length: int = 1024, system_prompt: str | None = None, seed: int | None = None, num_workers: int = 0,
                  max_skip_fraction: float = 0.01, preflight_sample: int = 64, validate: str = "serve",
-                 columns: dict[str, str] | None = None):
+                 columns: dict[str, str] | None = None, streaming: bool = False, shuffle_buffer: int = 1000):
         super().__init__()
         if mode not in ("rl", "sft"):
             raise ValueError(f"data.mode must be 'rl' or 'sft', got {mode!r}")
@@ -112,10 +118,15 @@ class VLMDataModule(LightningDataModule):
         for flag, value in (("train_limit", train_limit), ("val_limit", val_limit)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{flag} must be >= 1 (or null for all rows), got {value}")
+        if streaming and (validate == "full" or train_limit is not None):
+            flag = "validate: full" if validate == "full" else "train_limit"
+            raise ValueError(f"data.streaming reads rows once, as they are served: it cannot take data.{flag} "
+                             "(use the indexed default, streaming: false)")
         self.column_map = ColumnMap(columns)
         self.save_hyperparameters()
         self.batch_server: BatchServer | None = None
-        self.datasets: dict[str, LazyPrompts] = {}
+        self.datasets: dict[str, LazyPrompts | StreamingPrompts] = {}
+        self._stream_states: dict[int, dict] = {}  # streaming: worker -> stream state after its last consumed batch
         self.skips: dict[str, SkipCounter] = {}
         self.monitors: dict[str, SkipMonitor] = {}
         self.collator: PromptCollator | None = None
@@ -123,7 +134,7 @@ class VLMDataModule(LightningDataModule):
 
     @property
     def train_records(self) -> RecordsView | list:
-        """Training rows as records, decoded on access (`[]` before set-up)."""
+        """Training rows as records, decoded on access (`[]` before set-up; a stream's first 64 valid rows)."""
         return self.datasets["train"].records() if "train" in self.datasets else []
 
     @property
@@ -149,9 +160,13 @@ class VLMDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         h = self.hparams
         self._processor()
-        if stage == "fit" and "train" not in self.datasets:
+        if stage == "fit" and "train" not in self.datasets and h.streaming:
+            self._check_stream_curriculum()
+            self.datasets["train"] = self._stream()
+            self.preflight(self.datasets["train"].records(h.preflight_sample or 64))
+        elif stage == "fit" and "train" not in self.datasets:
             self.datasets["train"] = self._dataset("train", h.train_files, h.train_limit, fill=True)
-            self.preflight(self.datasets["train"])
+            self.preflight(_head(self.datasets["train"], h.preflight_sample))
             self.batch_server = BatchServer(self.datasets["train"].index.meta(), batch_size=h.batch_size,
                                             seed=run_seed(h.seed) + self._rank())
             if self._pending_state is not None:
@@ -176,6 +191,35 @@ class VLMDataModule(LightningDataModule):
         self._report(split, skips, len(index), limit)
         return LazyPrompts(index, limits, fill=fill)
 
+    def _stream(self) -> StreamingPrompts:
+        h = self.hparams
+        world = self.trainer.world_size if self.trainer is not None else 1
+        data = StreamingPrompts(expand_files(h.train_files), self.column_map, h.batch_size, run_seed(h.seed),
+                                h.shuffle_buffer, rank=self._rank(), world_size=world)
+        self.skips["train"] = SkipCounter()
+        self.monitors["train"] = SkipMonitor(self.skips["train"], h.max_skip_fraction, "data/train", 1 << 62)
+        if self._pending_state is not None:
+            self._resume_stream(data, self._pending_state)
+            self._pending_state = None
+        rank_zero_info(f"data/train: streaming {len(data.files)} file(s), shuffle buffer {h.shuffle_buffer} rows; "
+                       "rows are validated and decoded when served")
+        return data
+
+    def _resume_stream(self, data: StreamingPrompts, state: dict[str, Any]) -> None:
+        data.epoch, data.resume, data._started = int(state["epoch"]), dict(state["workers"]), False
+        self._stream_states = dict(data.resume)
+
+    def _check_stream_curriculum(self) -> None:
+        """A stream serves the random order only: refuse a curriculum strategy that needs the whole index."""
+        for cb in self.trainer.callbacks if self.trainer is not None else []:
+            strategy = getattr(cb, "strategy", None)
+            if isinstance(strategy, OrderingStrategy) and not isinstance(strategy, RandomOrder):
+                raise ValueError(
+                    f"data.streaming serves rows in the order of its shuffle buffer; the curriculum strategy "
+                    f"{type(strategy).__name__} needs the whole row index (difficulty order, stages or per-prompt "
+                    "pass rates). Use streaming: false (the indexed default, bounded memory too) or drop the "
+                    "CurriculumCallback")
+
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
@@ -192,26 +236,22 @@ class VLMDataModule(LightningDataModule):
             msg += f"; skipped {skips.total} bad rows: {skips.summary()}"
         rank_zero_info(msg)
 
-    def preflight(self, data: LazyPrompts) -> None:
+    def preflight(self, records: Iterable[PromptRecord]) -> None:
         """Prompt (and SFT reply) length on a sample must fit; report and stop otherwise, never truncate.
 
-        The sample is the first `preflight_sample` rows (all when 0), read one chunk at a time; bad rows among
+        The sample is the first `preflight_sample` rows (all when 0), decoded as they are checked; bad rows among
         them are left to serving, which skips and counts them."""
         h = self.hparams
-        n = len(data) if h.preflight_sample == 0 else min(h.preflight_sample, len(data))
         too_long, longest, checked = [], 0, 0
         limit = h.max_length if h.mode == "sft" else h.max_prompt_length
-        for start in range(0, n, 32):
-            for r in data.load(list(range(start, min(start + 32, n)))):
-                if isinstance(r, Skip):
-                    continue
-                checked += 1
-                m = self.collator.prompt_length(r)
-                if h.mode == "sft":
-                    m += len(self.collator.tokenizer(r.solution or "")["input_ids"]) + 1
-                longest = max(longest, m)
-                if m > limit:
-                    too_long.append((r.id, m))
+        for r in records:
+            checked += 1
+            m = self.collator.prompt_length(r)
+            if h.mode == "sft":
+                m += len(self.collator.tokenizer(r.solution or "")["input_ids"]) + 1
+            longest = max(longest, m)
+            if m > limit:
+                too_long.append((r.id, m))
         if too_long:
             which = "max_length" if h.mode == "sft" else "max_prompt_length"
             raise ValueError(f"{len(too_long)} of {checked} sampled rows exceed data.{which}={limit} (longest "
@@ -219,6 +259,9 @@ class VLMDataModule(LightningDataModule):
         rank_zero_info(f"pre-flight: longest sampled {'sequence' if h.mode == 'sft' else 'prompt'} {longest} tokens")
 
     def train_dataloader(self) -> MonitoredLoader:
+        if self.hparams.streaming:
+            return MonitoredLoader(self.datasets["train"], batch_size=None, collate_fn=ServingCollator(self.collator),
+                                   num_workers=self.hparams.num_workers, monitor=self.monitors["train"])
         return MonitoredLoader(self.datasets["train"], batch_sampler=self.batch_server,
                                collate_fn=ServingCollator(self.collator), num_workers=self.hparams.num_workers,
                                monitor=self.monitors["train"])
@@ -230,24 +273,45 @@ class VLMDataModule(LightningDataModule):
                                monitor=self.monitors["val"])
 
     def on_before_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> PromptBatch:
-        if self.trainer is not None and self.trainer.training and self.batch_server is not None:
-            self.batch_server.mark_consumed(batch.requested_ids or batch.ids)
+        if self.trainer is not None and self.trainer.training:
+            self.mark_consumed(batch)
         return batch
 
+    def mark_consumed(self, batch: PromptBatch) -> None:
+        """A training batch reached the step: it is what a checkpoint taken from now on has served."""
+        if batch.stream_state is not None:
+            worker, state = batch.stream_state
+            self._stream_states[int(worker)] = state
+        elif self.batch_server is not None:
+            self.batch_server.mark_consumed(batch.requested_ids or batch.ids)
+
     def state_dict(self) -> dict[str, Any]:
+        if self.hparams.streaming and "train" in self.datasets:
+            stream = {"epoch": self.datasets["train"].epoch, "workers": dict(self._stream_states)}
+            return {"stream": stream, "served_skips": self.monitors["train"].state_dict()}
         if self.batch_server is None:
             return {}
         return {"batch_server": self.batch_server.state_dict(), "served_skips": self.monitors["train"].state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "batch_server" not in state:
+        key = "stream" if self.hparams.streaming else "batch_server"
+        if key not in state:
             return
-        if self.batch_server is None:
-            self._pending_state = state["batch_server"]
+        if key == "stream" and "train" in self.datasets:
+            self._resume_stream(self.datasets["train"], state[key])
+        elif self.batch_server is None:  # before setup: applied when the data is set up
+            self._pending_state = state[key]
         else:
-            self.batch_server.load_state_dict(state["batch_server"])
+            self.batch_server.load_state_dict(state[key])
         if "served_skips" in state and "train" in self.monitors:
             self.monitors["train"].load_state_dict(state["served_skips"])
+
+
+def _head(data: LazyPrompts, n: int) -> Iterator[PromptRecord]:
+    """The valid rows among the first `n` of the index (all when 0), read in chunks."""
+    n = len(data) if n == 0 else min(n, len(data))
+    for start in range(0, n, 32):
+        yield from (r for r in data.load(list(range(start, min(start + 32, n)))) if not isinstance(r, Skip))
 
 
 def full_scan(index: RowIndex, limits: RowLimits, skips: SkipCounter, limit: int | None, max_skip_fraction: float,
