@@ -32,7 +32,7 @@ def run_seed(seed: int | None) -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
-@dataclass
+@dataclass(slots=True)  # one per training row: slots keep the index small at millions of rows
 class RowMeta:
     """What an ordering strategy may know about one training row: its id and optional difficulty level."""
 

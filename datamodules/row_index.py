@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from datamodules.ordering import RowMeta
@@ -57,32 +58,45 @@ class RowIndex:
 def build_index(files: list[Path], columns: ColumnMap, limits: RowLimits, counter: SkipCounter,
                 limit: int | None = None) -> RowIndex:
     """Index the rows of `files` in order, up to `limit` indexed rows (files past it are never opened)."""
-    file_of: list[int] = []
-    pos_of: list[int] = []
+    file_of: list[np.ndarray] = []
+    pos_of: list[np.ndarray] = []
     ids: list[str] = []
     levels: list[int | None] = []
     plans: list[dict[str, Any]] = []
     for f, path in enumerate(files):
         if limit is not None and len(ids) >= limit:
             break
-        plan, rows = _index_parquet(path, columns) if path.suffix == ".parquet" else _index_jsonl(path, columns)
+        plan, rows = _index_parquet(path, columns, limits) if path.suffix == ".parquet" else \
+            _index_jsonl(path, columns, limits)
         plans.append(plan)
-        for pos, raw in rows:
-            got = index_fields(raw, limits)
-            if isinstance(got, Skip):
-                counter.add(got)
-                continue
-            file_of.append(f)
-            pos_of.append(pos)
-            ids.append(got[0])
-            levels.append(got[1])
-            if limit is not None and len(ids) >= limit:
-                break
-    return RowIndex(list(files[: len(plans)]), columns, plans, np.asarray(file_of, dtype=np.int32),
-                    np.asarray(pos_of, dtype=np.int64), ids, levels)
+        positions, file_ids, file_levels, skips = rows
+        for skip in skips:
+            counter.add(skip)
+        keep = len(file_ids) if limit is None else min(len(file_ids), limit - len(ids))
+        pos_of.append(np.asarray(positions[:keep], dtype=np.int64))
+        file_of.append(np.full(keep, f, dtype=np.int32))
+        ids += file_ids[:keep]
+        levels += file_levels[:keep]
+    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))  # noqa: E731
+    return RowIndex(list(files[: len(plans)]), columns, plans, cat(file_of, np.int32), cat(pos_of, np.int64),
+                    ids, levels)
 
 
-def _index_parquet(path: Path, columns: ColumnMap):
+def _check_rows(rows, limits: RowLimits) -> tuple[list[int], list[str], list[int | None], list[Skip]]:
+    """(positions, ids, levels, skips) of (position, raw row) pairs, through `index_fields`."""
+    positions, ids, levels, skips = [], [], [], []
+    for pos, raw in rows:
+        got = index_fields(raw, limits)
+        if isinstance(got, Skip):
+            skips.append(got)
+            continue
+        positions.append(pos)
+        ids.append(got[0])
+        levels.append(got[1])
+    return positions, ids, levels, skips
+
+
+def _index_parquet(path: Path, columns: ColumnMap, limits: RowLimits):
     pf = pq.ParquetFile(path)
     plan = columns.plan(pf.schema_arrow.names, path)
     biggest = max((pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)), default=0)
@@ -92,12 +106,44 @@ def _index_parquet(path: Path, columns: ColumnMap):
                     "faster serving", path, biggest)
     wanted = {"id": plan["id"], **({"difficulty": plan["difficulty"]} if "difficulty" in plan else {})}
     table = pf.read(columns=list(wanted.values()))
-    cols = {field: table.column(col).to_pylist() for field, col in wanted.items()}
-    rows = ({field: values[i] for field, values in cols.items()} for i in range(table.num_rows))
-    return plan, enumerate(rows)
+    cols = {field: table.column(col) for field, col in wanted.items()}
+    suspect = _suspect_rows(cols, limits)
+    if suspect is None:  # id or difficulty of an unusual type: every row through index_fields
+        rows = ({f: c[i].as_py() for f, c in cols.items()} for i in range(table.num_rows))
+        return plan, _check_rows(enumerate(rows), limits)
+    # the rows that pass the vectorised checks are valid as they are; the others go through index_fields
+    good = pc.invert(suspect)
+    positions = np.flatnonzero(np.asarray(good.to_numpy(zero_copy_only=False)))
+    ids = pc.utf8_trim_whitespace(cols["id"].filter(good)).to_pylist()
+    levels = cols["difficulty"].filter(good).to_pylist() if "difficulty" in cols else [None] * len(ids)
+    bad = np.flatnonzero(np.asarray(suspect.to_numpy(zero_copy_only=False)))
+    checked = _check_rows(((int(i), {f: c[int(i)].as_py() for f, c in cols.items()}) for i in bad), limits)
+    if checked[0]:  # rows the quick checks doubted but index_fields accepts: merge in file order
+        merged = sorted(zip([*positions.tolist(), *checked[0]], [*ids, *checked[1]], [*levels, *checked[2]],
+                            strict=True))
+        positions, ids, levels = [m[0] for m in merged], [m[1] for m in merged], [m[2] for m in merged]
+    return plan, (list(positions), ids, levels, checked[3])
 
 
-def _index_jsonl(path: Path, columns: ColumnMap):
+def _suspect_rows(cols: dict[str, Any], limits: RowLimits):
+    """A boolean array marking rows whose id or difficulty may be bad (None when the column types need the
+    row-by-row check: ids that are not strings, difficulties that are not integers)."""
+    import pyarrow as pa
+
+    ids = cols["id"]
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        return None
+    suspect = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0), True)
+    if "difficulty" in cols:
+        level = cols["difficulty"]
+        if not pa.types.is_integer(level.type):
+            return None
+        out_of_range = pc.or_(pc.less(level, limits.min_difficulty), pc.greater(level, limits.max_difficulty))
+        suspect = pc.or_(suspect, pc.fill_null(out_of_range, False))
+    return suspect
+
+
+def _index_jsonl(path: Path, columns: ColumnMap, limits: RowLimits):
     """(plan, [(byte offset, {id, difficulty} or a bad-line row)]): one pass over the lines, keeping only what
     the index needs. The first object plays the header: a required column it lacks is missing from the file."""
     plan: dict[str, Any] | None = None
@@ -111,7 +157,7 @@ def _index_jsonl(path: Path, columns: ColumnMap):
             plan = plan or row_plan
             row = {k: v for k, v in ColumnMap.apply(row, row_plan).items() if k in ("id", "difficulty")}
         rows.append((offset, row))
-    return plan or {}, iter(rows)
+    return plan or {}, _check_rows(rows, limits)
 
 
 class RowReader:

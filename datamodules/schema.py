@@ -35,7 +35,10 @@ One row per prompt, in parquet (HF hub layout, e.g. `train-00000-of-00004.parque
 | `subject` | str | optional (per-subject metrics) |
 | `solution` | str | optional; the SFT target: reasoning, then `</think>`, then a short answer with `\boxed{...}`. It does NOT start with `<think>\n`: the chat template pre-fills that |
 
-Other columns (the synthetic set's `meta`, MMMU's extras) are ignored.
+Other columns (the synthetic set's `meta`, MMMU's extras) are ignored. Files with their own column names are read
+through `data.columns` (schema field -> your column, e.g. `{question: problem, answer: final_answer, images: image}`);
+a single `image` column (one image, not a list) and MMMU-style `image_1` … `image_7` columns (empty cells left out)
+stand in for `images` without a mapping.
 
 Image markers: plain `<image>` markers count one image each, in order; numbered markers `<image 1>` … `<image K>`
 must name every image once (repeats allowed) and none beyond the list. Mixing both kinds is refused. A question
@@ -44,8 +47,10 @@ with images and no marker at all is valid: the images are placed before the ques
 Rows that break a rule are skipped with a reason and counted (`corrupt_image`, `missing_image`,
 `image_path_escapes`, `marker_count_mismatch`, `empty_question`, `question_too_long`, `missing_answer`,
 `bad_text_encoding`, `options_on_open_question`, `options_not_a_list`, `bad_question_type`, `bad_difficulty`,
-`missing_id`, `mc_without_options`, `answer_not_in_options`, `bad_json`). A run stops with a clear error when more
-than 1% of a file's rows were skipped.
+`missing_id`, `mc_without_options`, `answer_not_in_options`, `bad_json`). The id and difficulty are checked when
+the files are indexed at set-up, everything else when a row is served (a bad row is replaced by the next row, so
+the batch stays full); `data.validate: full` checks every row at set-up instead. A run stops with a clear error when
+more than `data.max_skip_fraction` (1%) of the rows (served so far) were skipped.
 """.strip()
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "question", "answer", "images")

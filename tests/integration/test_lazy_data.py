@@ -77,3 +77,20 @@ def test_resume_with_two_workers_on_multi_file_data_serves_exactly_the_same_rows
     resumed.setup("fit")
     got += _serve(resumed, 13)
     assert got == want
+
+
+@pytest.mark.parametrize("level_type", [pa.int32(), pa.float64()], ids=["vectorised", "row-by-row"])
+def test_the_index_checks_ids_and_difficulty_like_validate_row(tmp_path, level_type):
+    """Integer difficulties take the vectorised column check, floats the row-by-row one: same index, same skips."""
+    from datamodules.row_index import build_index
+    from datamodules.row_io import ColumnMap
+    from datamodules.schema import RowLimits, SkipCounter
+
+    table = pa.table({"id": ["a", "", None, " b ", "c", "d"], "question": ["q"] * 6, "answer": ["1"] * 6,
+                      "images": [[]] * 6, "difficulty": pa.array([1, 2, 3, None, 9, 5], type=level_type)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    skips = SkipCounter()
+    index = build_index([tmp_path / "t.parquet"], ColumnMap(), RowLimits(), skips)
+    assert index.ids == ["a", "b", "d"] and index.difficulty == [1, None, 5]
+    assert index.pos_of.tolist() == [0, 3, 5] and index.file_of.tolist() == [0, 0, 0]
+    assert skips.counts == {"missing_id": 2, "bad_difficulty": 1} and skips.examples["bad_difficulty"] == ["c"]
