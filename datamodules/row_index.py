@@ -113,10 +113,10 @@ def _index_parquet(path: Path, columns: ColumnMap, limits: RowLimits):
         return plan, _check_rows(enumerate(rows), limits)
     # the rows that pass the vectorised checks are valid as they are; the others go through index_fields
     good = pc.invert(suspect)
-    positions = np.flatnonzero(np.asarray(good.to_numpy(zero_copy_only=False)))
+    positions = pc.indices_nonzero(good).to_numpy()
     ids = pc.utf8_trim_whitespace(cols["id"].filter(good)).to_pylist()
     levels = cols["difficulty"].filter(good).to_pylist() if "difficulty" in cols else [None] * len(ids)
-    bad = np.flatnonzero(np.asarray(suspect.to_numpy(zero_copy_only=False)))
+    bad = pc.indices_nonzero(suspect).to_numpy()
     checked = _check_rows(((int(i), {f: c[int(i)].as_py() for f, c in cols.items()}) for i in bad), limits)
     if checked[0]:  # rows the quick checks doubted but index_fields accepts: merge in file order
         merged = sorted(zip([*positions.tolist(), *checked[0]], [*ids, *checked[1]], [*levels, *checked[2]],
