@@ -29,15 +29,24 @@ from datamodules.types import PromptRecord
 FORMATS = {".parquet": "parquet", ".jsonl": "json"}
 
 
-def open_stream(files: list[Path]) -> Any:
+def stream_files(spec: str | list[str]) -> list[str]:
+    """Remote paths (`hf://datasets/...`, any `scheme://`) as given, for `datasets` to resolve; local ones
+    expanded like the indexed path's (folders, globs)."""
+    from datamodules.vlm_datamodule import expand_files
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    return [f for s in specs for f in ([s] if "://" in s else [str(p) for p in expand_files(s)])]
+
+
+def open_stream(files: list[str]) -> Any:
     """The files as one streaming `datasets.IterableDataset`, images left undecoded (bytes and paths)."""
     from datasets import load_dataset
 
-    kinds = {FORMATS.get(f.suffix) for f in files}
+    kinds = {FORMATS.get(Path(f).suffix) for f in files}
     if None in kinds or len(kinds) != 1:
         raise SchemaError(f"streaming reads one kind of file at a time (.parquet or .jsonl), got "
-                          f"{sorted({f.suffix for f in files})} in {[str(f) for f in files[:4]]}")
-    stream = load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", streaming=True)
+                          f"{sorted({Path(f).suffix for f in files})} in {files[:4]}")
+    stream = load_dataset(kinds.pop(), data_files=list(files), split="train", streaming=True)
     return stream.decode(False)  # validate_row decodes, so a corrupt image is a counted skip, not a crash
 
 
@@ -45,7 +54,8 @@ class StreamingPrompts(IterableDataset):
     """Full batches of validated records (as `ServedRows`) from a shuffled, rank- and worker-sharded stream.
 
     Args:
-        files: the training files (one format; for JSONL, image paths resolve against the first file's folder).
+        files: the training files, local paths or `hf://`-style URLs (one format; for JSONL, image paths resolve
+            against the first file's folder).
         columns: the DataModule's column mapping.
         batch_size: rows per batch.
         seed: shuffle seed (the epoch is added by `datasets`).
@@ -53,15 +63,15 @@ class StreamingPrompts(IterableDataset):
         rank, world_size: this process's place among the ranks.
     """
 
-    def __init__(self, files: list[Path], columns: ColumnMap, batch_size: int, seed: int, shuffle_buffer: int,
+    def __init__(self, files: list[str], columns: ColumnMap, batch_size: int, seed: int, shuffle_buffer: int,
                  rank: int = 0, world_size: int = 1, limits: RowLimits = RowLimits()) -> None:
         from datasets.distributed import split_dataset_by_node
 
-        self.files, self.columns, self.batch_size, self.limits = files, columns, batch_size, limits
-        self.base_dir = files[0].parent
-        stream = open_stream(files)
+        self.files, self.columns, self.batch_size, self.limits = [str(f) for f in files], columns, batch_size, limits
+        self.base_dir = Path(self.files[0]).parent
+        stream = open_stream(self.files)
         names = list(stream.features) if stream.features is not None else None
-        self.plan = columns.plan(names, files[0]) if names is not None else None  # JSON: per row
+        self.plan = columns.plan(names, Path(self.files[0])) if names is not None else None  # JSON: per row
         if shuffle_buffer > 0:
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size) if world_size > 1 else stream
@@ -76,7 +86,7 @@ class StreamingPrompts(IterableDataset):
         self._started = True
 
     def _row(self, raw: dict[str, Any]) -> dict[str, Any]:
-        plan = self.plan or self.columns.plan(set(raw), self.files[0], strict=False)
+        plan = self.plan or self.columns.plan(set(raw), Path(self.files[0]), strict=False)
         return ColumnMap.apply(raw, plan)
 
     def __iter__(self) -> Iterator[ServedRows]:

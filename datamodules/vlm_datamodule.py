@@ -30,7 +30,7 @@ from datamodules.row_index import RowIndex, build_index
 from datamodules.row_io import ColumnMap, iter_records
 from datamodules.schema import RowLimits, Skip, SkipCounter, check_skip_fraction
 from datamodules.serving import LazyPrompts, MonitoredLoader, RecordsView, ServingCollator, SkipMonitor
-from datamodules.streaming import StreamingPrompts
+from datamodules.streaming import StreamingPrompts, stream_files
 from datamodules.types import PromptBatch, PromptRecord
 
 VALIDATE_MODES = ("serve", "full")
@@ -194,7 +194,7 @@ class VLMDataModule(LightningDataModule):
     def _stream(self) -> StreamingPrompts:
         h = self.hparams
         world = self.trainer.world_size if self.trainer is not None else 1
-        data = StreamingPrompts(expand_files(h.train_files), self.column_map, h.batch_size, run_seed(h.seed),
+        data = StreamingPrompts(stream_files(h.train_files), self.column_map, h.batch_size, run_seed(h.seed),
                                 h.shuffle_buffer, rank=self._rank(), world_size=world)
         self.skips["train"] = SkipCounter()
         self.monitors["train"] = SkipMonitor(self.skips["train"], h.max_skip_fraction, "data/train", 1 << 62)

@@ -210,6 +210,37 @@ def test_sigterm_saves_last_checkpoint_exits_cleanly_and_resumes_exactly(assets,
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["last.ckpt"]  # one `last`, no last-v1
 
 
+@pytest.fixture(scope="module")
+def multi_file(tmp_path_factory, tiny_model_dir):
+    """Four 16-row training shards: rows are read lazily from several files, in DataLoader workers."""
+    data = tmp_path_factory.mktemp("resume-multi-data")
+    write_dataset(data, n_train=64, n_val=8, quiet=True, shard_size=16)
+    assert len(list(data.glob("train-*.parquet"))) == 4
+    return tiny_model_dir("internvl"), data
+
+
+def test_sigkill_then_resume_on_multi_file_data_with_two_workers(multi_file, tmp_path):
+    workers = ("--data.num_workers", "2")  # rows read and images decoded in two workers, which fetch ahead
+    ref = tmp_path / "reference"
+    assert _finish(_start(ref, multi_file, *workers), ref) == 0, _logs(ref)
+    want = read_journal(ref / "journal.jsonl")
+    assert sorted(want) == list(range(1, MAX_STEPS + 1))
+
+    run = tmp_path / "killed"
+    kill_step = int(os.environ.get("R1V_RESUME_KILL_STEP", random.randint(2, MAX_STEPS - 2)))
+    print(f"SIGKILL after step {kill_step}; pin with R1V_RESUME_KILL_STEP={kill_step}")
+    proc = _start(run, multi_file, *workers)
+    _wait_for_step(proc, run, kill_step)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    resumed_from = _ckpt_step(run / "ckpt" / "last.ckpt")
+    (run / "journal.jsonl").rename(run / "journal-killed.jsonl")
+    assert _finish(_start(run, multi_file, *workers, "--ckpt_path", "last"), run) == 0, _logs(run)
+    resumed = read_journal(run / "journal.jsonl")
+    assert sorted(resumed) == list(range(resumed_from + 1, MAX_STEPS + 1))
+    _assert_same_steps(resumed, want, range(resumed_from + 1, MAX_STEPS + 1))
+
+
 KILL_DURING_SAVE = r"""
 import os, signal, sys, torch
 from callbacks.fault_tolerance import AtomicCheckpointIO
