@@ -268,6 +268,8 @@ class VLMDataModule(LightningDataModule):
 
     def val_dataloader(self) -> MonitoredLoader:
         h = self.hparams
+        if "val" not in self.datasets:  # no val_files: an empty loader, as Lightning asks for one
+            return MonitoredLoader([], batch_size=h.val_batch_size or h.batch_size, collate_fn=self.collator)
         return MonitoredLoader(self.datasets["val"], batch_size=h.val_batch_size or h.batch_size, shuffle=False,
                                collate_fn=ServingCollator(self.collator), num_workers=h.num_workers,
                                monitor=self.monitors["val"])
