@@ -94,3 +94,15 @@ def test_the_index_checks_ids_and_difficulty_like_validate_row(tmp_path, level_t
     assert index.ids == ["a", "b", "d"] and index.difficulty == [1, None, 5]
     assert index.pos_of.tolist() == [0, 3, 5] and index.file_of.tolist() == [0, 0, 0]
     assert skips.counts == {"missing_id": 2, "bad_difficulty": 1} and skips.examples["bad_difficulty"] == ["c"]
+
+
+def test_validation_drops_bad_rows_instead_of_repeating_good_ones(shards, tiny_model_dir):
+    dm = VLMDataModule(str(shards / "train-*.parquet"), val_files=str(sorted(shards.glob("train-*.parquet"))[-1]),
+                       processor_path=str(tiny_model_dir("internvl")), batch_size=4, val_batch_size=4,
+                       max_prompt_length=256, max_skip_fraction=0.5, preflight_sample=1)
+    dm.setup("validate")
+    ids = [i for batch in dm.val_dataloader() for i in batch.ids]
+    good = [i for i in pq.read_table(sorted(shards.glob("train-*.parquet"))[-1]).column("id").to_pylist()
+            if i not in BAD_IDS]
+    assert ids == good  # every good row once, in order; the two bad ones left out, not replaced
+    assert dm.skips["val"].counts == {"corrupt_image": 2}

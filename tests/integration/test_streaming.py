@@ -104,3 +104,27 @@ def test_curriculum_strategies_that_need_the_index_are_refused_at_start_up(shard
     ok.setup("fit")
     with pytest.raises(ValueError, match="cannot take data.validate: full"):
         _dm(shards, tiny_model_dir("internvl"), validate="full")
+
+
+def test_jsonl_with_image_paths_and_a_columns_mapping_streams_too(tmp_path, tiny_model_dir):
+    import io
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (30 + i, 20), (40 * i, 0, 0)).save(buf, format="PNG")
+        (tmp_path / "img" / f"{i}.png").write_bytes(buf.getvalue())
+        lines.append({"uid": f"j{i}", "problem": "<image>\nWhat colour?", "final_answer": "red",
+                      "images": [f"img/{i}.png"]})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dm = VLMDataModule(str(tmp_path / "train.jsonl"), processor_path=str(tiny_model_dir("internvl")), batch_size=2,
+                       max_prompt_length=512, streaming=True, shuffle_buffer=0,
+                       columns={"id": "uid", "question": "problem", "answer": "final_answer"})
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert [b.ids for b in batches] == [["j0", "j1"], ["j2", "j3"], ["j4", "j5"]]
+    assert all("pixel_values" in b.vision for b in batches) and dm.skips["train"].total == 0
