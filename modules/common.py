@@ -125,3 +125,18 @@ def check_compatible(state: dict[str, torch.Tensor], model: torch.nn.Module, sou
             detail.append(f"{len(shapes)} shape mismatches, e.g. {k}: checkpoint {a} vs model {b}"
                           " (another tokenizer/vocabulary or size?)")
         raise IncompatibleCheckpoint(f"{source} does not fit {type(model).__name__}: " + "; ".join(detail))
+
+
+def log_global_step(module: Any, on_epoch: bool = False) -> None:
+    """Put the scalars this hook logs at ``global_step`` (after the optimiser step) on the loggers' x axis.
+
+    Lightning writes ``self.log`` values at its own batch counter, which is one less than ``global_step`` after a
+    step (and at validation); checkpoint names, ``selection.json`` and what the callbacks write use ``global_step``
+    (callbacks/tb_logging.py). A logged ``step`` metric is the x value Lightning's logger connector uses instead
+    (and drops from the written scalars), so one moment of training carries one step number everywhere.
+
+    Args:
+        module: the LightningModule, in a training hook (``on_epoch=False``) or a validation step (``True``).
+    """
+    module.log("step", float(module.global_step), on_step=not on_epoch, on_epoch=on_epoch, reduce_fx="max",
+               batch_size=1, sync_dist=False, prog_bar=False)

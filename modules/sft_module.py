@@ -7,6 +7,8 @@ with linear warmup (paper, stage 3: warmup ratio 0.03). Early stopping on `val/l
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -16,6 +18,7 @@ from modules.common import (
     build_optimizer,
     check_compatible,
     load_policy,
+    log_global_step,
     policy_state,
     total_training_steps,
     validate_model_path,
@@ -99,6 +102,10 @@ class SFTModule(LightningModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         loss, n = sft_loss(self(batch), batch.labels)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        log_global_step(self, on_epoch=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        log_global_step(self)  # after the optimiser step: the step checkpoints and callbacks use
 
     def configure_optimizers(self):
         h = self.hparams
