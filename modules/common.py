@@ -138,5 +138,7 @@ def log_global_step(module: Any, on_epoch: bool = False) -> None:
     Args:
         module: the LightningModule, in a training hook (``on_epoch=False``) or a validation step (``True``).
     """
+    if module.trainer.state.fn != "fit":  # the off-by-one is a fit-loop matter; validate would print a "step" row
+        return
     module.log("step", float(module.global_step), on_step=not on_epoch, on_epoch=on_epoch, reduce_fx="max",
                batch_size=1, sync_dist=False, prog_bar=False)
