@@ -7,8 +7,6 @@ with linear warmup (paper, stage 3: warmup ratio 0.03). Early stopping on `val/l
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -104,9 +102,6 @@ class SFTModule(LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         log_global_step(self, on_epoch=True)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        log_global_step(self)  # after the optimiser step: the step checkpoints and callbacks use
-
     def configure_optimizers(self):
         h = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -120,6 +115,7 @@ class SFTModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+        log_global_step(self, before_step=True)  # the step this one completes: what checkpoints and callbacks use
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
