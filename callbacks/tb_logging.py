@@ -21,6 +21,8 @@ from typing import Any
 
 from lightning import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard.summary import scalar
 
 __all__ = ["described_scalar", "log_scalars", "tensorboard_writers"]
@@ -34,10 +36,16 @@ def tensorboard_writers(trainer: Trainer) -> list[Any]:
 
 
 def described_scalar(tag: str, value: float, description: str | None) -> Any:
-    """A ``Summary`` proto with one scalar and, when given, its Markdown description."""
+    """A ``Summary`` proto with one scalar and, when given, its Markdown description.
+
+    The metadata names the scalars plugin and the scalar data class: TensorBoard's fast (Rust) loader, its default,
+    keeps the metadata of a ``simple_value`` only when it names its plugin, and drops the description otherwise.
+    """
     summary = scalar(tag, float(value))
     if description:
-        summary.value[0].metadata.summary_description = description
+        metadata = summary.value[0].metadata
+        metadata.CopyFrom(scalar_metadata.create_summary_metadata(display_name=tag, description=description))
+        metadata.data_class = summary_pb2.DATA_CLASS_SCALAR
     return summary
 
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -131,3 +135,34 @@ def test_no_placeholder_or_duplicate_tags(run):
     assert "train/accuracy" not in scalars and "train/reward/accuracy" in scalars
     assert "train/entropy" not in scalars and "train/rollout_entropy" in scalars
     assert not [t for t in tags(acc, "images") if not t.startswith("rollouts/sample_")]
+
+
+@pytest.mark.slow
+def test_the_tensorboard_server_serves_the_descriptions(run):
+    """TensorBoard itself (its default fast loader) sends a description for every entropy/* tag to the browser."""
+    trainer, _ = run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", trainer.log_dir, "--host",
+                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, tags = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/data/plugin/timeseries/tags",
+                                                 data=b"experimentIds=[]", method="POST")
+                tags = json.load(urllib.request.urlopen(request, timeout=5))["scalars"]
+                if any(t.startswith("entropy/") for info in tags["runTagInfo"].values() for t in info):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        entropy = {t for info in tags["runTagInfo"].values() for t in info if t.startswith("entropy/")}
+        assert entropy, tags
+        described = tags["tagDescriptions"]
+        assert all(described.get(t) for t in entropy), (entropy, described)
+        assert "nats" in described["entropy/all_tokens"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
