@@ -58,8 +58,9 @@ def sample_markdown(step: int, p: int, record: dict[str, Any], prompt: str, resp
                     parts: dict[str, float], n_images: int, group_size: int) -> str:
     """One sample as Markdown for TensorBoard's Text tab."""
     part_text = ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
-    images = (f"{n_images}, side by side in `rollouts/sample_{p}/images` at step {step}" if n_images
-              else "none")
+    where = f"`rollouts/sample_{p}/images` at step {step}"
+    images = ("none" if not n_images else f"1, in {where}" if n_images == 1
+              else f"{n_images}, side by side in prompt order, in {where}")
     return "\n\n".join([
         f"**sample {p}** · step {step} · id `{record.get('id')}` · answer `{record.get('answer')}`",
         f"**reward** {reward:.2f}" + (f" ({part_text})" if part_text else ""),
