@@ -21,7 +21,8 @@ from lightning import Callback, LightningModule, Trainer
 from callbacks.tb_logging import tensorboard_writers
 
 WRAP = 100  # characters per line inside the code blocks
-GAP = 4  # white pixels between two images of one sample
+GAP = 6  # pixels between two images of one sample
+FILL = 0.5  # grey gap and padding: the synthetic images have white backgrounds, a white gap would hide the boundary
 
 
 def unnormalise(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor | None:
@@ -34,10 +35,10 @@ def unnormalise(pixels: torch.Tensor, mean: list[float], std: list[float]) -> to
 
 
 def side_by_side(images: list[torch.Tensor]) -> torch.Tensor:
-    """[3, H_i, W_i] images -> one [3, max H, sum W + gaps] image, top-aligned, white between and below."""
+    """[3, H_i, W_i] images -> one [3, max H, sum W + gaps] image, top-aligned, grey between and below."""
     height = max(im.shape[1] for im in images)
     width = sum(im.shape[2] for im in images) + GAP * (len(images) - 1)
-    out = torch.ones(3, height, width)
+    out = torch.full((3, height, width), FILL)
     x = 0
     for im in images:
         out[:, : im.shape[1], x : x + im.shape[2]] = im

@@ -7,7 +7,7 @@ import re
 import torch
 from tensorboard.plugin_util import markdown_to_safe_html
 
-from callbacks.rollout_samples import GAP, code_block, sample_markdown, side_by_side
+from callbacks.rollout_samples import FILL, GAP, code_block, sample_markdown, side_by_side
 
 CHAT = "user\nQuestion: how many squares?\nassistant\n<think>\n"
 
@@ -39,8 +39,9 @@ def test_sample_markdown_has_reward_parts_and_two_blocks():
 
 
 def test_side_by_side_keeps_each_image_and_its_order():
-    a, b = torch.zeros(3, 4, 4), torch.full((3, 6, 5), 0.5)
+    a, b = torch.zeros(3, 4, 4), torch.ones(3, 6, 5)  # a white image beside it must still show its boundary
     out = side_by_side([a, b])
     assert out.shape == (3, 6, 4 + GAP + 5)
     assert torch.equal(out[:, :4, :4], a) and torch.equal(out[:, :, 4 + GAP :], b)
-    assert bool((out[:, :, 4 : 4 + GAP] == 1).all()) and bool((out[:, 4:, :4] == 1).all())  # white gap and pad
+    assert bool((out[:, :, 4 : 4 + GAP] == FILL).all()) and bool((out[:, 4:, :4] == FILL).all())  # gap and pad
+    assert 0 < FILL < 1  # neither a white nor a black background hides the boundary
