@@ -7,14 +7,21 @@ hidden states once per group, the LM head a chunk of positions at a time), the c
 "Alternatively", "Hmm") are located in the generated ids themselves, and the figures are pooled over all
 responses (and over ranks, exactly, from sums and counts).
 
-Logged (``pl_module.log``, so ``ModelCheckpoint(monitor="entropy/critical", mode="max")`` works):
+Each measurement is written to the loggers once, at the ``global_step`` it was taken (``callbacks.tb_logging``),
+with a TensorBoard description per scalar (units and meaning, the ``DESCRIPTIONS`` below); it is also put in
+``trainer.callback_metrics`` (``pl_module.log(..., logger=False)``), so
+``ModelCheckpoint(monitor="entropy/critical", mode="max")`` and the checkpoint-selection callback see it:
 
 - ``entropy/critical``: mean entropy (nats) at critical tokens; NaN when no critical word occurred. NaN is
   logged as is; ``ModelCheckpoint`` ranks a NaN monitor value as the worst possible one.
-- ``entropy/critical/<word>``, for each word that occurred; ``entropy/n_critical`` (occurrences measured).
-- ``entropy/all_tokens`` (mean over every response token), ``entropy/high_entropy_frac`` (share of tokens
-  above ``high_entropy_threshold``), ``entropy/critical_rate`` (critical words per 1000 response tokens).
+- ``entropy/critical/<word>``, for each word that occurred; ``entropy/n_critical`` (occurrences measured, a count).
+- ``entropy/all_tokens`` (mean over every response token, nats), ``entropy/high_entropy_frac`` (share of tokens
+  above ``high_entropy_ratio`` x ln |V| nats, |V| the width of the policy's logits), ``entropy/critical_rate``
+  (critical words per 1000 response tokens).
 - TensorBoard histograms ``entropy/hist/all_tokens`` and ``entropy/hist/critical`` (rank 0's tokens).
+
+Not to be confused with ``train/rollout_entropy``, the GRPO module's mean entropy over each step's training
+rollouts (other prompts every step, so noisier); the probe measures the same fixed prompts every time.
 
 The probe uses its own ``torch.Generator``, re-seeded from ``seed`` at every measurement, so it never moves
 the training sampler's random state (which is checkpointed for exact resume) and every checkpoint is probed
@@ -31,9 +38,9 @@ from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
+from callbacks.tb_logging import log_scalars, tensorboard_writers
 from datamodules.types import PromptBatch, PromptRecord
 from modules.entropy import (
     DEFAULT_CRITICAL_WORDS,
@@ -50,6 +57,22 @@ __all__ = ["CriticalEntropyCallback", "ProbeMeasurement", "pool_entropy_sums", "
 WORD_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_CRITICAL_WORDS, "nowait": NOWAIT_WORDS}
 PREFIX = "entropy"
 _BASE = ("sum_critical", "n_critical", "sum_all", "n_tokens", "n_high", "n_occurrences")
+_PROBE = "the probe's fixed prompts (K samples each, same random numbers at every measurement)"
+DESCRIPTIONS: dict[str, str] = {
+    "critical": "Mean entropy, in **nats**, of the distribution each critical word (Wait, Alternatively, Hmm, ...) "
+                f"was sampled from, over every occurrence in the responses to {_PROBE}. Higher = the policy is "
+                "still undecided where reasoning turns (R1V3's checkpoint-selection signal). Empty (NaN) when no "
+                "critical word occurred.",
+    "all_tokens": f"Mean entropy, in **nats**, over every response token sampled for {_PROBE}. At most ln |V|. "
+                  "Not `train/rollout_entropy` (this step's training rollouts).",
+    "critical_rate": "Critical words **per 1000 response tokens** in the probe's responses (every occurrence).",
+    "n_critical": "**Count** of critical-word occurrences whose entropy went into `entropy/critical` "
+                  "(all probe responses, all ranks).",
+    "high_entropy_frac": "**Share** (0-1) of the probe's response tokens whose entropy exceeds "
+                         "{ratio:g} x ln |V| = {threshold:.3g} nats (|V| = {vocab} logits): a threshold relative "
+                         "to the largest possible entropy, so it means the same for any vocabulary.",
+}
+"""TensorBoard descriptions of the ``entropy/*`` scalars (Markdown; ``high_entropy_frac`` is a format string)."""
 
 
 @dataclass
@@ -129,6 +152,12 @@ def stats_from_sums(sums: Tensor, words: Sequence[str]) -> dict[str, float]:
     return stats
 
 
+def vocab_size(policy: nn.Module) -> int:
+    """Width of the policy's logits (the output embedding's rows; padded vocabularies count their padding)."""
+    head = policy.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
 @contextlib.contextmanager
 def _own_generator(engine: Any, gen: torch.Generator, device: torch.device) -> Iterator[None]:
     """Sample with ``gen`` instead of the engine's checkpointed generator; restore everything afterwards."""
@@ -175,9 +204,13 @@ class CriticalEntropyCallback(Callback):
             ``words``; None keeps ``words``.
         shift: 0 reads the distribution the critical token was sampled from (recipe §3 interpretation); 1 the
             distribution of the token after it.
-        high_entropy_threshold: tokens above it (nats) count in ``entropy/high_entropy_frac``. The paper's 6.8
-            (§6.5) is for a ~150k vocabulary with unstated units (log2 or nats); max entropy here is
-            log(vocab size) nats, so pick a threshold against that.
+        high_entropy_ratio: tokens whose entropy exceeds ``high_entropy_ratio x ln |V|`` nats count in
+            ``entropy/high_entropy_frac`` (|V|: the policy's logits). Relative to the maximum entropy, so the
+            same setting means the same for a 512-token tiny model and a 152k vocabulary. Default 0.1: 0.62 nats
+            at |V| = 515, 1.19 at 151,665. Measured on the tiny demo model after 300 SFT steps (64 probe
+            responses, 4071 tokens): 12% of tokens above it, about the minority the 80/20 high-entropy-token
+            work singles out, where 0.5 counts 0.05% (its 90th percentile is 0.12 x ln |V|). R1V3's absolute 6.8
+            (§6.5, units unstated) is ratio 0.57 of ln 151,665.
         chunk_size: response positions per LM-head call (peak ~ chunk_size x vocab x 4 bytes).
         probe_batch_size: probe prompts per generate call (each call samples probe_batch_size x K responses).
         seed: seed of the probe's own generator (offset by the global rank), re-seeded at each measurement.
@@ -194,13 +227,15 @@ class CriticalEntropyCallback(Callback):
         words: list[str] = list(DEFAULT_CRITICAL_WORDS),  # noqa: B006 (copied below, never mutated)
         word_set: Literal["default", "nowait"] | None = None,
         shift: int = 0,
-        high_entropy_threshold: float = 2.0,
+        high_entropy_ratio: float = 0.1,
         chunk_size: int = 1024,
         probe_batch_size: int = 16,
         seed: int = 0,
     ):
         if every_n_steps < 0 or num_probe_prompts < 1 or samples_per_prompt < 1 or probe_batch_size < 1:
             raise ValueError("every_n_steps >= 0 and num_probe_prompts, samples_per_prompt, probe_batch_size >= 1")
+        if not 0 < high_entropy_ratio <= 1:
+            raise ValueError(f"high_entropy_ratio is a share of ln |V| in (0, 1], got {high_entropy_ratio}")
         if word_set is not None and word_set not in WORD_SETS:
             raise ValueError(f"word_set must be one of {sorted(WORD_SETS)} or None, got {word_set!r}")
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
@@ -209,7 +244,7 @@ class CriticalEntropyCallback(Callback):
         self.words = list(WORD_SETS[word_set]) if word_set is not None else list(words)
         if not self.words:
             raise ValueError("no critical words")
-        self.shift, self.high_entropy_threshold = shift, high_entropy_threshold
+        self.shift, self.high_entropy_ratio = shift, high_entropy_ratio
         self.chunk_size, self.probe_batch_size, self.seed = chunk_size, probe_batch_size, seed
         self._probe: list[PromptBatch] | None = None
         self._last: tuple[int, ProbeMeasurement] | None = None  # (global step, result) of the last measure
@@ -286,40 +321,56 @@ class CriticalEntropyCallback(Callback):
             entropies += e
             positions += p
             texts += t
-        sums = pool_entropy_sums(list(zip(entropies, positions, strict=True)), self.words, self.high_entropy_threshold,
-                                 self.shift)
+        sums = pool_entropy_sums(list(zip(entropies, positions, strict=True)), self.words,
+                                 self.high_entropy_threshold(pl_module.policy), self.shift)
         if trainer.world_size > 1:
             sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
         return ProbeMeasurement(stats_from_sums(sums, self.words), entropies, positions, texts)
 
+    def high_entropy_threshold(self, policy: nn.Module) -> float:
+        """``high_entropy_ratio x ln |V|`` nats, |V| the width of the policy's logits."""
+        return self.high_entropy_ratio * math.log(vocab_size(policy))
+
     # -- logging --------------------------------------------------------------------------------------------
+    def descriptions(self, tags: Sequence[str], policy: nn.Module) -> dict[str, str]:
+        """The TensorBoard description of each ``entropy/*`` tag (units, meaning, the threshold in use)."""
+        vocab = vocab_size(policy)
+        out = {}
+        for tag in tags:
+            key = tag.removeprefix(f"{PREFIX}/")
+            if key.startswith("critical/"):
+                out[tag] = (f"Mean entropy, in **nats**, at occurrences of \"{key.split('/', 1)[1]}\" in the probe's "
+                            "responses (the part of `entropy/critical` this word contributes).")
+            elif key == "high_entropy_frac":
+                out[tag] = DESCRIPTIONS[key].format(ratio=self.high_entropy_ratio, vocab=vocab,
+                                                    threshold=self.high_entropy_ratio * math.log(vocab))
+            elif key in DESCRIPTIONS:
+                out[tag] = DESCRIPTIONS[key]
+        return out
+
     def _measure_and_log(self, trainer: Trainer, pl_module: LightningModule, on_step: bool) -> None:
         step = trainer.global_step
         fresh = self._last is None or self._last[0] != step  # same step = same weights: reuse
         if fresh:
             self._last = (step, self.measure(trainer, pl_module))
         result = self._last[1]
-        for key, value in result.stats.items():
-            pl_module.log(f"{PREFIX}/{key}", float(value), on_step=on_step, on_epoch=not on_step,
-                          batch_size=1, sync_dist=False)  # already pooled over ranks
-        if fresh:
-            self._histograms(trainer, result)
+        metrics = {f"{PREFIX}/{key}": float(value) for key, value in result.stats.items()}
+        for tag, value in metrics.items():  # trainer.callback_metrics only (ModelCheckpoint, checkpoint selection)
+            pl_module.log(tag, value, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False,
+                          logger=False)  # already pooled over ranks
+        if fresh:  # the loggers get each measurement once, at the step it was taken
+            log_scalars(trainer, metrics, step, self.descriptions(list(metrics), pl_module.policy))
+            self._histograms(trainer, result, step)
 
-    def _histograms(self, trainer: Trainer, result: ProbeMeasurement) -> None:
-        if not trainer.is_global_zero:
-            return
-        # the step Lightning's logger connector gives the scalars logged now, so the two line up
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-        for logger in trainer.loggers:
-            if not isinstance(logger, TensorBoardLogger):
-                continue
+    def _histograms(self, trainer: Trainer, result: ProbeMeasurement, step: int) -> None:
+        for writer in tensorboard_writers(trainer):
             if result.token_entropies:
                 all_tokens = torch.cat(result.token_entropies)
                 if all_tokens.numel():
-                    logger.experiment.add_histogram(f"{PREFIX}/hist/all_tokens", all_tokens, step)
+                    writer.add_histogram(f"{PREFIX}/hist/all_tokens", all_tokens, step)
             critical = result.critical_values(self.shift)
             if critical:
-                logger.experiment.add_histogram(f"{PREFIX}/hist/critical", torch.tensor(critical), step)
+                writer.add_histogram(f"{PREFIX}/hist/critical", torch.tensor(critical), step)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

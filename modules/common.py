@@ -125,3 +125,23 @@ def check_compatible(state: dict[str, torch.Tensor], model: torch.nn.Module, sou
             detail.append(f"{len(shapes)} shape mismatches, e.g. {k}: checkpoint {a} vs model {b}"
                           " (another tokenizer/vocabulary or size?)")
         raise IncompatibleCheckpoint(f"{source} does not fit {type(model).__name__}: " + "; ".join(detail))
+
+
+def log_global_step(module: Any, on_epoch: bool = False, before_step: bool = False) -> None:
+    """Put the scalars this hook logs at ``global_step`` after the optimiser step on the loggers' x axis.
+
+    Lightning writes ``self.log`` values at its own batch counter, which is one less than ``global_step`` after a
+    step (and at validation); checkpoint names, ``selection.json`` and what the callbacks write use ``global_step``
+    (callbacks/tb_logging.py). A logged ``step`` metric is the x value Lightning's logger connector uses instead
+    (and drops from the written scalars), so one moment of training carries one step number everywhere.
+
+    Call it where the step is known before the callbacks' ``on_train_batch_end`` runs (``ModelCheckpoint`` names
+    its files from the logged ``step`` too, so a value logged later would name them after the previous step): in
+    ``training_step`` after a manual optimiser step, in ``on_before_optimizer_step`` (``before_step=True``: the
+    step being taken) under automatic optimisation, in ``validation_step`` with ``on_epoch=True``.
+    """
+    if module.trainer.state.fn != "fit":  # the off-by-one is a fit-loop matter; validate would print a "step" row
+        return
+    step = module.global_step + (1 if before_step else 0)
+    module.log("step", float(step), on_step=not on_epoch, on_epoch=on_epoch, reduce_fx="max", batch_size=1,
+               sync_dist=False, prog_bar=False)

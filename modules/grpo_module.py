@@ -27,6 +27,7 @@ from modules.common import (
     check_compatible,
     fresh,
     load_policy,
+    log_global_step,
     policy_state,
     total_training_steps,
     validate_model_path,
@@ -308,12 +309,14 @@ class GRPOModule(LightningModule):
         metrics["train/zero_std_frac"] = float(zero_std_mask(scores.total).float().mean())
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(rollouts.prompts))
         self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, logger=False)
+        log_global_step(self)  # the step checkpoints, selection.json and the callbacks' text and images use
         accuracy = scores.components.get("accuracy", scores.total)
         self.last_group_stats = {
             "ids": rollouts.prompts.ids,
             "pass_rates": (accuracy >= 0.5).float().mean(1).tolist(),
             "mean_reward": float(scores.total.mean()),
             "rewards": scores.total.tolist(),
+            "reward_parts": {name: part.tolist() for name, part in scores.components.items()},  # [B][G] each
             "losses": stats.losses,
         }
         self.last_rollouts = rollouts
@@ -331,6 +334,7 @@ class GRPOModule(LightningModule):
                  sync_dist=True)
         self.log("val/response_length", rollouts.response_mask.sum(1).float().mean(), batch_size=n,
                  sync_dist=True)
+        log_global_step(self, on_epoch=True)
 
     # -- checkpoint state -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

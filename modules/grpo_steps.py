@@ -130,17 +130,17 @@ def _mean(xs: list[float]) -> float:
 
 def step_metrics(rollouts: Rollouts, scores: GroupScores, stats: LossStats, t_rollout: float,
                  t_update: float) -> dict[str, float]:
-    """The per-step TensorBoard scalars."""
+    """The per-step TensorBoard scalars (accuracy is ``train/reward/accuracy``, one name per quantity)."""
     lengths = rollouts.response_mask.sum(1).float()
     tokens = float(lengths.sum() + rollouts.prompts.attention_mask.sum() * rollouts.group_size)
     m = {
         "train/loss": _mean(stats.losses),
         "train/reward": float(scores.total.mean()),
-        "train/accuracy": float(scores.components.get("accuracy", scores.total).mean()),
         "train/response_length": float(lengths.mean()),
         "train/response_length_max": float(lengths.max()),
         "train/truncated_frac": float(rollouts.truncated.float().mean()),
-        "train/entropy": stats.entropy_sum / max(1.0, stats.entropy_tokens),
+        # this step's training rollouts under the policy being updated; entropy/* is the probe (fixed prompts)
+        "train/rollout_entropy": stats.entropy_sum / max(1.0, stats.entropy_tokens),
         "train/grad_norm": _mean(stats.grad_norm),
         "time/rollout_s": t_rollout,
         "time/update_s": t_update,

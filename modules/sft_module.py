@@ -16,6 +16,7 @@ from modules.common import (
     build_optimizer,
     check_compatible,
     load_policy,
+    log_global_step,
     policy_state,
     total_training_steps,
     validate_model_path,
@@ -99,6 +100,7 @@ class SFTModule(LightningModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         loss, n = sft_loss(self(batch), batch.labels)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        log_global_step(self, on_epoch=True)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -113,6 +115,7 @@ class SFTModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+        log_global_step(self, before_step=True)  # the step this one completes: what checkpoints and callbacks use
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()

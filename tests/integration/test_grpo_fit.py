@@ -26,8 +26,8 @@ from modules.tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_TAGS = [
-    "train/reward", "train/reward/accuracy", "train/reward/format", "train/accuracy", "train/response_length",
-    "train/response_length_max", "train/truncated_frac", "train/clip_frac", "train/entropy", "train/grad_norm",
+    "train/reward", "train/reward/accuracy", "train/reward/format", "train/response_length",
+    "train/response_length_max", "train/truncated_frac", "train/clip_frac", "train/rollout_entropy", "train/grad_norm",
     "train/lr", "train/zero_std_frac", "time/rollout_s", "time/update_s", "throughput/tokens_per_s",
     "val/accuracy", "val/reward", "val/format_rate", "val/response_length",
 ]
@@ -97,7 +97,7 @@ def test_tiny_grpo_fit_moves_trainable_parts_only_and_logs(assets, tmp_path):
     ea = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)[0])
     ea.Reload()
     assert "rollouts/sample_0/text_summary" in ea.Tags()["tensors"]  # question, response, answer, reward
-    assert "rollouts/image_0" in ea.Tags()["images"]
+    assert "rollouts/sample_0/images" in ea.Tags()["images"]
 
 
 class NaNAdvantage(GRPOAdvantage):

@@ -76,3 +76,30 @@ def test_connector_only_changes_the_connector_and_exports_round_trip(tiny_model_
     for (n1, p1), (_, p2) in zip(reloaded.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(p1, p2), n1
     SFTModule(str(exported), trainable_parts=["connector"])  # a stage starts from the export
+
+
+def test_sft_scalars_and_checkpoints_share_the_step(tiny_model_dir, tmp_path):
+    """train/loss, val/loss and checkpoint names at global_step after the optimiser step (2 and 4), as in GRPO."""
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model_dir = tiny_model_dir("internvl")
+    data = _data(tmp_path)
+    module = SFTModule(str(model_dir), trainable_parts=["connector"], warmup_ratio=0.0)
+    dm = VLMDataModule(str(data / "train-*.parquet"), str(data / "validation-*.parquet"),
+                       processor_path=str(model_dir), mode="sft", batch_size=2, val_batch_size=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = Trainer(accelerator="cpu", max_steps=4, log_every_n_steps=2, val_check_interval=2,
+                      check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                      logger=TensorBoardLogger(tmp_path, name="", default_hp_metric=False), callbacks=[ckpt])
+    trainer.fit(module, datamodule=dm)
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4]
+    assert [e.step for e in acc.Scalars("val/loss")] == [2, 4]
+    assert "step" not in acc.Tags()["scalars"] and "hp_metric" not in acc.Tags()["scalars"]
+    assert sorted(p.name for p in Path(ckpt.dirpath).glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]

@@ -102,7 +102,7 @@ def test_fit_twice_into_the_same_folder(tiny_model_dir, tiny_data, tmp_path):
             "--trainer.logger.init_args.version", "fixed", "--trainer.enable_progress_bar", "false",
             "--model.init_args.group_size", "2", "--data.batch_size", "2",
             "--model.init_args.rollout.init_args.max_new_tokens", "4"]
-    log_dir = tmp_path / "tb" / "fixed"
+    log_dir = tmp_path / "fixed"
     for attempt in (1, 2):
         res = run_app(*args)
         assert res.returncode == 0, f"run {attempt}:\n{res.stderr[-3000:]}"

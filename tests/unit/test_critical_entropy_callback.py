@@ -143,3 +143,19 @@ def test_word_sets_and_validation():
         CriticalEntropyCallback(word_set="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         CriticalEntropyCallback(samples_per_prompt=0)
+    with pytest.raises(ValueError, match="high_entropy_ratio"):
+        CriticalEntropyCallback(high_entropy_ratio=2.0)  # a share of ln |V|, not nats
+
+
+def test_high_entropy_threshold_is_relative_to_the_logits_and_described(module_and_batch):
+    module, _ = module_and_batch
+    width = module.policy.lm_head.weight.shape[0]  # the logits' width (the tiny vocabulary, padded)
+    cb = CriticalEntropyCallback(high_entropy_ratio=0.25)
+    assert cb.high_entropy_threshold(module.policy) == pytest.approx(0.25 * math.log(width))
+    tags = ["entropy/critical", "entropy/critical/Wait", "entropy/all_tokens", "entropy/high_entropy_frac",
+            "entropy/critical_rate", "entropy/n_critical"]
+    described = cb.descriptions(tags, module.policy)
+    assert set(described) == set(tags)
+    assert f"{0.25 * math.log(width):.3g} nats" in described["entropy/high_entropy_frac"]
+    assert f"|V| = {width}" in described["entropy/high_entropy_frac"]
+    assert "Wait" in described["entropy/critical/Wait"]
