@@ -138,6 +138,7 @@ def test_requests_overlap_on_the_server(tmp_path):
     assert elapsed < 6 * 0.5 * 0.6
 
 
+@pytest.mark.slow  # ~25 s: builds a tiny LM and loads transformers in the server process
 def test_a_real_tiny_model_replies_garbage_that_falls_back(tmp_path):
     """Real generation (a random tiny Qwen2 with the project's tokenizer): the plumbing works end to end and
     whatever it says, unless it is a clean yes/no, counts as a failed call and leaves the rule score."""
