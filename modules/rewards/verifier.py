@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -123,6 +123,7 @@ class VerifierReward(Reward):
         self.cache: OrderedDict[Query, bool] = OrderedDict()
         self.recent: deque[bool] = deque(maxlen=error_window)  # True = that call failed
         self.calls = self.failures = 0  # whole run
+        self.failure_kinds: Counter[str] = Counter()  # timeout, connection, http, malformed, unparseable
         self.last_error: str | None = None
         self._stats = self._empty_stats()
 
@@ -169,6 +170,7 @@ class VerifierReward(Reward):
         self.recent.append(verdict is None)
         if verdict is None:
             self.failures += 1
+            self.failure_kinds[reply.kind if isinstance(reply, EndpointError) else "unparseable"] += 1
             self._stats["errors"] += 1
             self.last_error = str(reply) if isinstance(reply, EndpointError) else f"unparseable verdict {describe(reply)!r}"
             if self.failures == 1:
