@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     rules = json.loads(args.table.read_text()) if args.table else []
+    ThreadingHTTPServer.request_queue_size = 1024  # a burst of concurrent clients is not refused (default 5)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler(State(rules, args.model, args.max_tokens)))
     server.daemon_threads = True
     print(f"port {server.server_address[1]}", flush=True)
