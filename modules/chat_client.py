@@ -107,7 +107,7 @@ class ChatClient:
         except urllib.error.HTTPError as err:
             detail = err.read()[:300].decode("utf-8", "replace")
             raise EndpointError("http", f"HTTP {err.code} from {self.url}: {detail}") from err
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise EndpointError("timeout", f"no reply from {self.url} within {self.timeout_s:g} s") from err
         except urllib.error.URLError as err:
             if isinstance(err.reason, TimeoutError | socket.timeout):

@@ -8,8 +8,14 @@ import time
 
 import pytest
 
-from modules.rewards import AccuracyReward, FormatReward, RuleOrVerifier, VerifierReward, VerifierUnavailable
-from modules.rewards import WeightedRewards
+from modules.rewards import (
+    AccuracyReward,
+    FormatReward,
+    RuleOrVerifier,
+    VerifierReward,
+    VerifierUnavailable,
+    WeightedRewards,
+)
 from modules.rewards.verifier import parse_verdict, question_text
 from tests.verifier_server import free_port, make_tiny_text_lm, running_server, stats
 
