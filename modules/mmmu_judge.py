@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from modules.chat_client import ChatClient, EndpointError, describe, user_turn
-from modules.mmmu_rules import eval_multi_choice, parse_gold, parse_multi_choice_response
+from modules.mmmu_rules import answer_candidate, eval_multi_choice, parse_gold, parse_multi_choice_response
 
 JUDGE_PROMPT = (
     "You are given a multiple-choice question, its options and a model's answer. Decide which option the "
@@ -59,8 +59,6 @@ def judge_text(response: str, mode: str = "prefilled") -> str | None:
 def needs_judge(response: str, question_type: str, all_choices: Sequence[str], index2ans: Mapping[str, str],
                 mode: str = "prefilled") -> str | None:
     """The text to judge when the official rules cannot parse this multiple-choice response, else None."""
-    from modules.mmmu_rules import answer_candidate
-
     if question_type != "multiple-choice" or not all_choices:
         return None
     candidate = answer_candidate(response, mode)
