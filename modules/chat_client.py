@@ -31,9 +31,14 @@ RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 class EndpointError(RuntimeError):
     """One conversation that got no usable reply; ``kind`` is timeout, connection, http or malformed."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
         super().__init__(f"{kind}: {message}")
-        self.kind = kind
+        self.kind, self.status = kind, status
+
+    @property
+    def retryable(self) -> bool:
+        """Timeouts, connection errors, 429 and 5xx may pass; other answers will not change."""
+        return self.kind in ("timeout", "connection") or self.status in RETRY_STATUSES
 
 
 def chat_url(base_url: str) -> str:
@@ -106,7 +111,7 @@ class ChatClient:
                 payload = reply.read()
         except urllib.error.HTTPError as err:
             detail = err.read()[:300].decode("utf-8", "replace")
-            raise EndpointError("http", f"HTTP {err.code} from {self.url}: {detail}") from err
+            raise EndpointError("http", f"HTTP {err.code} from {self.url}: {detail}", err.code) from err
         except TimeoutError as err:
             raise EndpointError("timeout", f"no reply from {self.url} within {self.timeout_s:g} s") from err
         except urllib.error.URLError as err:
@@ -130,9 +135,7 @@ class ChatClient:
             try:
                 return self._try_once(messages)
             except EndpointError as err:
-                retryable = err.kind in ("timeout", "connection") or (
-                    err.kind == "http" and any(f"HTTP {s} " in str(err) for s in RETRY_STATUSES))
-                if not retryable or attempt == self.max_retries:
+                if not err.retryable or attempt == self.max_retries:
                     raise
                 time.sleep(self.retry_backoff_s * 2**attempt)
         raise AssertionError("unreachable")
