@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo bench bench-recipe bench-curriculum bench-entropy bench-data lint clean
+.PHONY: install test test-fast demo bench bench-recipe bench-curriculum bench-entropy bench-data bench-verifier lint clean
 
 install: $(STAMP)
 
@@ -46,6 +46,9 @@ bench-entropy: $(STAMP)
 # artifacts/bench-data, ~3.5 GB); README, "Data schema"
 bench-data: $(STAMP)
 	$(BIN)/python -m bench.data_pipeline
+
+bench-verifier: $(STAMP)
+	$(BIN)/python -m bench.verifier
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check app modules datamodules callbacks tests bench

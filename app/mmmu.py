@@ -1,12 +1,17 @@
 """Score MMMU predictions in the official parse-and-eval layout.
 
-    python -m app.mmmu score DIR [--seed 0] [--mode prefilled|optional|raw]
+    python -m app.mmmu score DIR [--seed 0] [--mode prefilled|optional|raw] [--judge-url URL --judge-model NAME]
 
 ``DIR/<Subject>/output.json`` holds a list of ``{id, question_type, answer, all_choices, index2ans,
 response}``. Several entries with one id are samples and are averaged per id. Prints JSON with overall,
 per-discipline and per-subject ``acc`` (official rules, seeded random fallback), ``acc_strict`` (fallback
 and unparsed count wrong), ``unparsed_frac`` and ``num``. The fallback draws from a ``random.Random``
 seeded by (seed, id, sample), so a figure does not depend on file order.
+
+Judge mode adds ``acc_judge`` and ``judged_frac`` (``modules.mmmu_judge``): with ``--judge-url`` the
+multiple-choice responses the rules cannot parse are sent to that OpenAI-compatible endpoint; without it, a
+``DIR/judge.json`` written by the MMMU callback is replayed (its recorded verdicts), so the logged
+``mmmu/acc_judge`` is reproduced without a server. The judged responses are listed under ``judge.items``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from modules.mmmu_judge import OptionJudge, apply_judge, needs_judge, verdict_record
 from modules.mmmu_rules import EXTRACTION_MODES, SUBJECTS, aggregate, score_item
 
 ENTRY_KEYS = ("id", "question_type", "answer", "response")
@@ -71,19 +77,62 @@ def read_predictions(root: str | Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def read_judge_record(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(id, sample) -> recorded verdict from a ``judge.json`` written by the MMMU callback."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        return {(str(e["id"]), int(e.get("sample", 0))): {k: e.get(k) for k in ("letter", "reply", "error")}
+                for e in entries}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+        raise ScoreInputError(f"{path}: not a judge record (a JSON list of {{id, sample, letter, reply, "
+                              f"error}}): {err}") from err
+
+
+def judge_verdicts(predictions: dict[str, list[dict[str, Any]]], mode: str, judge: OptionJudge | None,
+                   recorded: dict[tuple[str, int], dict[str, Any]] | None) -> dict[tuple[str, int], dict]:
+    """(id, sample) -> verdict record for every multiple-choice entry the rules cannot parse: asked live
+    (``judge``) or looked up (``recorded``; an entry missing there stays undecided)."""
+    asks = []
+    for entries in predictions.values():
+        for entry in entries:
+            text = needs_judge(entry["response"], entry["question_type"], entry.get("all_choices") or [],
+                               entry.get("index2ans") or {}, mode)
+            if text is not None:
+                key = (str(entry["id"]), int(entry.get("sample", 0)))
+                asks.append((key, (str(entry.get("question", "")), entry.get("index2ans") or {}, text)))
+    if judge is not None:
+        verdicts = judge.choose([question for _, question in asks])
+        return {key: verdict_record(v) for (key, _), v in zip(asks, verdicts, strict=True)}
+    recorded = recorded or {}
+    return {key: recorded[key] for key, _ in asks if key in recorded}
+
+
 def score_predictions(
-    predictions: dict[str, list[dict[str, Any]]], seed: int = 0, mode: str = "prefilled"
+    predictions: dict[str, list[dict[str, Any]]], seed: int = 0, mode: str = "prefilled",
+    judge: OptionJudge | None = None, recorded: dict[tuple[str, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Score every entry (per-entry rng seeded by seed, id and sample index) and aggregate."""
-    results = []
+    """Score every entry (per-entry rng seeded by seed, id and sample index) and aggregate; with a judge or a
+    recorded judge, also ``acc_judge`` and the judged entries."""
+    judging = judge is not None or recorded is not None
+    verdicts = judge_verdicts(predictions, mode, judge, recorded) if judging else {}
+    results, judged = [], []
     for subject, entries in predictions.items():
         for entry in entries:
+            key = (str(entry["id"]), int(entry.get("sample", 0)))
             rng = random.Random(f"{seed}:{entry['id']}:{entry.get('sample', 0)}")
             scored = score_item(entry["response"], entry["question_type"], entry["answer"],
                                 entry.get("all_choices") or [], entry.get("index2ans") or {}, rng, mode)
+            if judging:
+                scored = apply_judge(scored, entry["answer"], verdicts.get(key))
+                if key in verdicts:
+                    judged.append({"id": key[0], "subject": subject, "sample": key[1], **verdicts[key]})
             results.append({"id": entry["id"], "subject": subject, **scored})
     report = aggregate(results)
     report["settings"] = {"seed": seed, "mode": mode}
+    if judging:
+        source = judge.describe() if judge is not None else {"recorded": True}
+        report["judge"] = {**source, "asked": len(judged), "decided": sum(j["letter"] is not None for j in judged),
+                           "errors": sum(j["error"] is not None for j in judged), "items": judged}
     return report
 
 
@@ -97,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--mode", choices=EXTRACTION_MODES, default="prefilled",
                        help="answer extraction: prefilled <think> (default), optional think tags, or raw "
                             "(official: whole response)")
+    score.add_argument("--judge-url", help="judge mode: OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) "
+                                           "asked about multiple-choice responses the rules cannot parse")
+    score.add_argument("--judge-model", default="judge", help="the judge's served model name (default: judge)")
+    score.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request (default 60)")
+    score.add_argument("--no-judge-record", action="store_true",
+                       help="ignore DIR/judge.json (by default its recorded verdicts are replayed)")
     return parser
 
 
@@ -104,7 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry; returns the exit status (2 on unusable input, message on stderr)."""
     args = build_parser().parse_args(argv)
     try:
-        report = score_predictions(read_predictions(args.dir), seed=args.seed, mode=args.mode)
+        judge = recorded = None
+        if args.judge_url:
+            judge = OptionJudge(args.judge_url, args.judge_model, timeout_s=args.judge_timeout)
+        elif (args.dir / "judge.json").is_file() and not args.no_judge_record:
+            recorded = read_judge_record(args.dir / "judge.json")
+        report = score_predictions(read_predictions(args.dir), seed=args.seed, mode=args.mode, judge=judge,
+                                   recorded=recorded)
     except (ScoreInputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,6 +19,12 @@ every logger at ``trainer.global_step``; ``pl_module.log(..., logger=False)`` al
 ``trainer.callback_metrics`` so a checkpoint can monitor ``mmmu/acc``. Discipline names are written with
 ``_and_`` for `` & `` and ``_`` for spaces (``Art_and_Design``).
 
+Judge mode (``judge=OptionJudge(...)``, recipe.md section 6.2): each rank sends the multiple-choice
+responses the official rules cannot parse to a judge model, which maps the text after ``</think>`` to an
+option; ``mmmu/acc_judge`` (strict rules, or the judge chose the gold), ``mmmu/judged_frac`` and
+``mmmu/judge_errors`` are logged beside ``acc`` and ``acc_strict``, ``scores.json`` gets a ``judge``
+summary and ``step_<k>/judge.json`` lists every judged response, which ``app.mmmu score`` replays.
+
 Sampling is reproducible and leaves training untouched: the engine's state (``state_dict``) is saved, the
 engine is reseeded with ``seed + rank`` for the evaluation and the state is restored afterwards, so the
 training rollouts are the same with or without this callback (an engine whose ``reseed`` is a no-op, such
@@ -48,6 +54,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from datamodules.mmmu import LoadReport, MMMUItem, load_mmmu, write_predictions
 from datamodules.prompting import PromptCollator
 from datamodules.types import PromptRecord
+from modules.mmmu_judge import OptionJudge, apply_judge, needs_judge, verdict_record
 from modules.mmmu_rules import EXTRACTION_MODES, aggregate, score_item
 
 PREFIX = "mmmu"
@@ -122,6 +129,10 @@ class MMMUEvalCallback(Callback):
         seed: seed of the sampler during evaluation and of the official random multiple-choice fallback.
         extraction_mode: answer extraction before the official rules: prefilled (R1V3 template: text after
             ``</think>``), optional (think tags optional), raw (the whole response, as the official script).
+        judge: judge mode (``modules.mmmu_judge.OptionJudge``, a model behind an OpenAI-compatible endpoint):
+            multiple-choice responses the official rules cannot parse are mapped to an option by the judge;
+            adds ``mmmu/acc_judge``, ``mmmu/judged_frac`` and ``mmmu/judge_errors``, and ``judge.json`` (every
+            judged response: id, sample, letter, reply, error) in the step folder. None: rules only.
     """
 
     def __init__(
@@ -139,6 +150,7 @@ class MMMUEvalCallback(Callback):
         out_dir: str | None = None,
         seed: int = 0,
         extraction_mode: str = "prefilled",
+        judge: OptionJudge | None = None,
     ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("num_samples", num_samples),
                             ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
@@ -152,7 +164,7 @@ class MMMUEvalCallback(Callback):
         self.limit_per_subject, self.subjects = limit_per_subject, subjects
         self.num_samples, self.temperature, self.max_new_tokens = num_samples, temperature, max_new_tokens
         self.batch_size, self.out_dir, self.seed = batch_size, out_dir, seed
-        self.extraction_mode = extraction_mode
+        self.extraction_mode, self.judge = extraction_mode, judge
         self.items: list[MMMUItem] | None = None
         self.load_report: LoadReport | None = None
         self.last_scores: dict[str, Any] | None = None
@@ -218,14 +230,17 @@ class MMMUEvalCallback(Callback):
         engine = self._rollout_engine(pl_module)
         with eval_mode(pl_module), seeded_engine(engine, self.seed + trainer.global_rank):
             rows = self._generate(engine, pl_module, mine, step)
+        if self.judge is not None:
+            self._ask_judge(rows, step)
         rows = sorted((r for part in gather_objects(rows) for r in part), key=lambda r: r["index"])
         scores = self._score(rows, step)
         metrics = self.metrics(scores, rows)
         if trainer.is_global_zero:
             self.last_dir = self._write(trainer, step, rows, scores)
         self._log(trainer, pl_module, metrics, log_on_step)
+        judged = f", acc_judge {metrics[f'{PREFIX}/acc_judge']:.4f}" if self.judge is not None else ""
         rank_zero_info(f"MMMU step {step}: acc {metrics[f'{PREFIX}/acc']:.4f}, acc_strict "
-                       f"{metrics[f'{PREFIX}/acc_strict']:.4f}, unparsed {metrics[f'{PREFIX}/unparsed_frac']:.3f}"
+                       f"{metrics[f'{PREFIX}/acc_strict']:.4f}{judged}, unparsed {metrics[f'{PREFIX}/unparsed_frac']:.3f}"
                        f" over {len(rows)} questions" + (f" -> {self.last_dir}" if self.last_dir else ""))
         self.last_scores, self._done_step = scores, step
         return scores
@@ -262,9 +277,31 @@ class MMMUEvalCallback(Callback):
                 rank_zero_info(f"MMMU step {step}: batch {b + 1}/{n_batches}")
         return rows
 
+    def _ask_judge(self, rows: list[dict[str, Any]], step: int) -> None:
+        """This rank's judge calls: ``row["judge"][k]`` is the verdict record of sample k, or None (not asked)."""
+        asks = []
+        for row in rows:
+            item = self.items[row["index"]]
+            row["judge"] = [None] * len(row["texts"])
+            for k, text in enumerate(row["texts"]):
+                answer = needs_judge(text, item.question_type, item.all_choices, item.index2ans,
+                                     self.extraction_mode)
+                if answer is not None:
+                    asks.append((row, k, (item.question, item.index2ans, answer)))
+        rank_zero_info(f"MMMU step {step}: asking the judge ({self.judge.client.url}) about {len(asks)} "
+                       f"responses the rules cannot parse (rank 0)")
+        verdicts = self.judge.choose([question for _, _, question in asks]) if asks else []
+        for (row, k, _), verdict in zip(asks, verdicts, strict=True):
+            row["judge"][k] = verdict_record(verdict)
+        errors = sum(v.error is not None for v in verdicts)
+        if errors:
+            rank_zero_warn(f"MMMU step {step}: {errors} of {len(asks)} judge calls to {self.judge.client.url} "
+                           f"failed (those responses count as unparsed in acc_judge); first: "
+                           f"{next(v.error for v in verdicts if v.error)}")
+
     def _score(self, rows: Sequence[dict[str, Any]], step: int) -> dict[str, Any]:
         """Official scoring of every sample (rng seeded by seed, id, sample as `app.mmmu`) and aggregation."""
-        results = []
+        results, judged = [], []
         for row in rows:
             item = self.items[row["index"]]
             for k, text in enumerate(row["texts"]):
@@ -272,8 +309,18 @@ class MMMUEvalCallback(Callback):
                 rng = random.Random(f"{self.seed}:{item.id}:{sample}")
                 scored = score_item(text, item.question_type, item.gold, item.all_choices, item.index2ans, rng,
                                     self.extraction_mode)
+                if self.judge is not None:
+                    verdict = row["judge"][k]
+                    scored = apply_judge(scored, item.gold, verdict)
+                    if verdict is not None:
+                        judged.append({"id": item.id, "subject": item.subject, "sample": sample, **verdict})
                 results.append({"id": item.id, "subject": item.subject, **scored})
         scores = aggregate(results)
+        if self.judge is not None:
+            scores["judge"] = {**self.judge.describe(), "asked": len(judged),
+                               "decided": sum(j["letter"] is not None for j in judged),
+                               "errors": sum(j["error"] is not None for j in judged), "record": "judge.json",
+                               "items": judged}
         report = self.load_report
         scores["settings"] = {
             "step": step, "split": self.split, "seed": self.seed, "mode": self.extraction_mode,
@@ -290,7 +337,10 @@ class MMMUEvalCallback(Callback):
         overall = scores["overall"]
         lengths = [x for r in rows for x in r["lengths"]]
         truncated = [x for r in rows for x in r["truncated"]]
-        out = {f"{PREFIX}/{k}": float(overall[k]) for k in ("acc", "acc_strict", "unparsed_frac", "num")}
+        keys = ("acc", "acc_strict", "unparsed_frac", "num", "acc_judge", "judged_frac")
+        out = {f"{PREFIX}/{k}": float(overall[k]) for k in keys if k in overall}
+        if "judge" in scores:
+            out[f"{PREFIX}/judge_errors"] = float(scores["judge"]["errors"])
         out[f"{PREFIX}/response_length"] = sum(lengths) / max(1, len(lengths))
         out[f"{PREFIX}/truncated_frac"] = sum(truncated) / max(1, len(truncated))
         for kind, key in (("discipline", "disciplines"), ("subject", "subjects")):
@@ -306,6 +356,11 @@ class MMMUEvalCallback(Callback):
         items = [self.items[r["index"]] for r in rows]
         responses = [r["texts"] if self.num_samples > 1 else r["texts"][0] for r in rows]
         write_predictions(folder, items, responses)
+        if "judge" in scores:  # the judged responses in their own file; scores.json keeps the summary
+            judge = dict(scores["judge"])
+            (folder / "judge.json").write_text(json.dumps(judge.pop("items"), indent=2, ensure_ascii=False),
+                                               encoding="utf-8")
+            scores = {**scores, "judge": judge}
         (folder / "scores.json").write_text(json.dumps(scores, indent=2), encoding="utf-8")
         return folder
 

@@ -299,7 +299,8 @@ def write_predictions(
         samples = [resp] if isinstance(resp, str) else list(resp)
         for k, text in enumerate(samples):
             entry = {"id": item.id, "question_type": item.question_type, "answer": item.gold,
-                     "all_choices": item.all_choices, "index2ans": item.index2ans, "response": text}
+                     "all_choices": item.all_choices, "index2ans": item.index2ans, "response": text,
+                     "question": item.question}  # extra key: what a judge (app.mmmu score --judge-url) reads
             if not isinstance(resp, str):
                 entry["sample"] = k
             by_subject.setdefault(item.subject, []).append(entry)

@@ -32,6 +32,7 @@ class PromptRecord:
         """What rewards and scorers need, and nothing heavy (no images)."""
         return {
             "id": self.id,
+            "question": self.question,  # for model verifiers (modules.rewards.verifier)
             "answer": self.answer,
             "options": list(self.options),
             "question_type": self.question_type,

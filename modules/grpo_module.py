@@ -307,6 +307,8 @@ class GRPOModule(LightningModule):
         metrics = step_metrics(rollouts, scores, stats, t_rollout, t_update)
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics["train/zero_std_frac"] = float(zero_std_mask(scores.total).float().mean())
+        for name, value in self.rewards.pop_metrics().items():  # e.g. the model verifier's figures
+            metrics[name if name.startswith("time/") else f"train/{name}"] = value
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(rollouts.prompts))
         self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, logger=False)
         log_global_step(self)  # the step checkpoints, selection.json and the callbacks' text and images use
@@ -334,6 +336,8 @@ class GRPOModule(LightningModule):
                  sync_dist=True)
         self.log("val/response_length", rollouts.response_mask.sum(1).float().mean(), batch_size=n,
                  sync_dist=True)
+        for name, value in self.rewards.pop_metrics().items():
+            self.log(f"val/{name}", float(value), batch_size=n, sync_dist=True)
         log_global_step(self, on_epoch=True)
 
     # -- checkpoint state -----------------------------------------------------------------------------------

@@ -304,30 +304,39 @@ def score_item(
     return {"correct": correct, "correct_strict": correct, "unparsed": unparsed, "pred": preds}
 
 
+SCORE_KEYS = ("correct", "correct_strict", "unparsed")
+JUDGE_KEYS = ("correct_judge", "judged")  # judge mode (modules.mmmu_judge.apply_judge)
+
+
 def _metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float | int]:
-    """Instance-weighted metrics over per-id rows (acc, acc_strict, unparsed_frac, num)."""
+    """Instance-weighted metrics over per-id rows (acc, acc_strict, unparsed_frac, num; in judge mode also
+    acc_judge and judged_frac)."""
     n = len(rows)
     def mean(key: str) -> float:
         return sum(r[key] for r in rows) / n if n else 0.0
-    return {"acc": mean("correct"), "acc_strict": mean("correct_strict"),
-            "unparsed_frac": mean("unparsed"), "num": n}
+    out: dict[str, float | int] = {"acc": mean("correct"), "acc_strict": mean("correct_strict"),
+                                   "unparsed_frac": mean("unparsed"), "num": n}
+    if rows and all("correct_judge" in r for r in rows):
+        out["acc_judge"], out["judged_frac"] = mean("correct_judge"), mean("judged")
+    return out
 
 
 def _per_id(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Average correctness over the samples of each id; ValueError on conflicting subjects."""
     groups: dict[str, dict[str, Any]] = {}
+    results = list(results)
+    keys = SCORE_KEYS + (JUDGE_KEYS if results and all("correct_judge" in r for r in results) else ())
     for res in results:
         item_id = str(res["id"])
         subject = res.get("subject") or subject_from_id(item_id)
-        group = groups.setdefault(item_id, {"subject": subject, "n": 0, "correct": 0.0,
-                                            "correct_strict": 0.0, "unparsed": 0.0})
+        group = groups.setdefault(item_id, {"subject": subject, "n": 0, **dict.fromkeys(keys, 0.0)})
         if group["subject"] != subject:
             raise ValueError(f"id {item_id!r} appears under subjects {group['subject']!r} and {subject!r}")
         group["n"] += 1
-        for key in ("correct", "correct_strict", "unparsed"):
+        for key in keys:
             group[key] += float(bool(res[key]))
     for group in groups.values():
-        for key in ("correct", "correct_strict", "unparsed"):
+        for key in keys:
             group[key] /= group["n"]
     return groups
 
@@ -336,7 +345,8 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Overall, per-discipline and per-subject metrics, weighted by instances (``calculate_ins_level_acc``).
 
     Each result needs ``id``, ``correct``, ``correct_strict``, ``unparsed`` and optionally ``subject``
-    (else taken from the id). Several results with one id are samples: their correctness is averaged
+    (else taken from the id); when every result also has ``correct_judge`` and ``judged`` (judge mode),
+    ``acc_judge`` and ``judged_frac`` are reported too. Several results with one id are samples: their correctness is averaged
     first, so every question weighs the same. Subjects outside the 30 are reported under "Other".
     """
     per_id = _per_id(results)

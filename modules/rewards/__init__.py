@@ -7,9 +7,11 @@ per-component tensors (logged as ``rewards/<name>``) and the weighted total used
 from modules.rewards.accuracy import AccuracyReward
 from modules.rewards.base import Reward, WeightedRewards
 from modules.rewards.format import FormatReward
+from modules.rewards.verifier import RuleOrVerifier, VerifierReward, VerifierUnavailable
 from modules.rewards.verify import VerifyWorker
 
-__all__ = ["AccuracyReward", "FormatReward", "Reward", "VerifyWorker", "WeightedRewards", "default_rewards"]
+__all__ = ["AccuracyReward", "FormatReward", "Reward", "RuleOrVerifier", "VerifierReward", "VerifierUnavailable",
+           "VerifyWorker", "WeightedRewards", "default_rewards"]
 
 
 def default_rewards() -> WeightedRewards:

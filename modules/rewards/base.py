@@ -54,6 +54,10 @@ class Reward(ABC):
             self.errors = getattr(self, "errors", 0) + 1
             return 0.0
 
+    def pop_metrics(self) -> dict[str, float]:
+        """Diagnostics gathered since the last call (``reward/...``, ``time/...``), then reset; none by default."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -88,6 +92,14 @@ class WeightedRewards:
         for reward, weight in zip(self.rewards, self.weights, strict=True):
             total = total + weight * components[reward.name]  # [N]
         return total, components
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Every reward's ``pop_metrics`` merged (names are ``reward/...`` or ``time/...``)."""
+        out: dict[str, float] = {}
+        for reward in self.rewards:
+            pop = getattr(reward, "pop_metrics", None)
+            out.update(pop() if callable(pop) else {})
+        return out
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{w}*{r.name}" for r, w in zip(self.rewards, self.weights, strict=True))

@@ -177,7 +177,7 @@ def test_write_predictions_and_cli(loaded: list[MMMUItem], tmp_path: Path) -> No
     paths = write_predictions(tmp_path / "preds", loaded, _responses(loaded))
     assert set(paths) == set(SUBJECTS)
     entry = json.loads(paths["Art"].read_text())[0]
-    assert set(entry) == {"id", "question_type", "answer", "all_choices", "index2ans", "response"}
+    assert set(entry) == {"id", "question_type", "answer", "all_choices", "index2ans", "response", "question"}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "app.mmmu", "score", str(tmp_path / "preds"), "--seed", "3"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True)
