@@ -185,8 +185,8 @@ def push_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> list[
     `model.load_weights` cannot be used after start-up on CPU (the CPU backend repacks linear weights for its
     kernels and leaves the original parameters empty); `reload_weights` loads checkpoint-format tensors in place
     and repacks them, on CPU and CUDA alike. Parts not in `weights` keep their values (vLLM warns once per such
-    layer; the warning is silenced here because pushing only what trains is the point). Cached prefixes were
-    computed with the old weights, so the prefix cache is reset.
+    layer; the warning is silenced here because pushing only what trains is the point). Cached prefixes and image
+    embeddings were computed with the old weights, so both caches are reset.
     """
     weights = list(weights)
     quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -197,6 +197,7 @@ def push_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> list[
     finally:
         quiet.setLevel(level)
     llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()  # image embeddings too (the scheduler's record and the runner's cache)
     return [n for n, _ in weights]
 
 
