@@ -53,8 +53,10 @@ test-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m app.demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m bench.run_all
+	@echo "\n##### bench.rollout --vllm-only (vLLM venv: vLLM vs HF engine on the same prompts)"
+	$(VLLM_BIN)/python -m bench.rollout --vllm-only --runs 3
 
 bench-recipe: $(STAMP)
 	$(BIN)/python -m bench.recipe

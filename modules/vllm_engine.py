@@ -346,6 +346,19 @@ class VLLMRolloutEngine(RolloutEngine):
         ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         return sorted(i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id)
 
+    def close(self) -> None:
+        """Shut the engine down and free its memory (a later `setup` starts a new one)."""
+        if self.llm is None:
+            return
+        import gc
+
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
     # -- checkpoint state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"calls": self.calls}

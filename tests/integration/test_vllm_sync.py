@@ -45,7 +45,8 @@ def served(tmp_path_factory, tiny_model_dir):
     policy, processor = load_policy(str(folder), ALL_PARTS, "float32", "sdpa", False, False)
     engine = VLLMRolloutEngine(**ENGINE_ARGS)
     engine.setup(policy, processor, torch.device("cpu"), seed=0)
-    return policy, processor, engine
+    yield policy, processor, engine
+    engine.close()
 
 
 def sgd_steps(policy, rollouts, batch, steps: int = 2, lr: float = 1e-3) -> None:
