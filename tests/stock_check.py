@@ -10,7 +10,13 @@ import sys
 
 
 def check(folder: str) -> dict:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
     from transformers.models.auto.processing_auto import processor_class_from_name
 
     out: dict = {"folder": folder, "model_type": AutoConfig.from_pretrained(folder).model_type}

@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.vllm_support import ENGINE_ARGS, SKIP_REASON, SYNC_TOLERANCE, image_batch, mean_gap, trainer_logprobs
+from tests.vllm_support import (
+    ENGINE_ARGS,
+    SKIP_REASON,
+    SYNC_TOLERANCE,
+    image_batch,
+    mean_gap,
+    trainer_logprobs,
+)
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason=SKIP_REASON)
