@@ -1,38 +1,39 @@
-"""vLLM rollout engine: an in-process `vllm.LLM` colocated with the trainer on the same GPU(s), no Ray.
+"""vLLM rollout engine: an in-process `vllm.LLM` beside the trainer (same GPU(s), or the CPU), no Ray.
 
 Life cycle (one engine per rank, each rank samples its own prompts):
-- `setup` builds `vllm.LLM(model_path, enable_sleep_mode=True, ...)` and puts it to sleep (level 1: weights
-  copied to CPU RAM, KV cache dropped) so the first update has the GPU to itself.
-- `sync_weights(model)` (after every optimiser step) only marks the engine stale; the next `generate` wakes
-  the weights, pushes the policy's *trainable* parameters (`weights_to_push`: frozen parts never change, so the
-  connector-only stage sends ~92M parameters, not 38B), wakes the KV cache, samples, and sleeps again. The
-  engine is also stale right after `setup`, so a run resumed from a checkpoint samples from the resumed
-  weights, not from `model_path`'s.
+- `setup` builds `vllm.LLM(model_path, ...)` with the engine core in this process
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0). Where it runs is a placement: on CUDA (`CudaPlacement`) vLLM takes
+  `gpu_memory_utilization` of the GPU and sleeps between rollouts (level 1: weights copied to CPU RAM, KV cache
+  dropped) so each update has the GPU to itself; on CPU (`CpuPlacement`) it takes a fixed `kv_cache_gb` of RAM
+  and stays awake (sleep mode is CUDA-only; the skip is logged once).
+- `sync_weights(model)` (after every optimiser step) only marks the engine stale; the next `generate` pushes the
+  policy's *trainable* parameters (`weights_to_push`: frozen parts never change, so the connector-only stage sends
+  ~92M parameters, not 38B) under their stock checkpoint names, samples, and sleeps again on CUDA. The engine is
+  also stale right after `setup`, so a run resumed from a checkpoint samples from the resumed weights, not from
+  `model_path`'s. `push_weights(llm, pairs)` is the push itself, for any (name, full tensor) pairs (e.g. gathered
+  from FSDP shards): `worker.reload_weights(..., is_checkpoint_format=True)`, which works on CPU and CUDA alike
+  (`model.load_weights` fails on CPU once the backend has repacked its linear weights), then the prefix and
+  encoder caches are reset.
 - `generate` sends each prompt once with `SamplingParams(n=G)`; with `enable_prefix_caching` the G samples of
   a prompt share its prefill (the same effect as `HFRolloutEngine(share_prompt=True)`).
 
-Prompts. vLLM takes text plus PIL images, not the collated tensors, so every `PromptBatch.records[i]` must carry
-`prompt_text` (the chat-template text that `PromptCollator.prompt_text` made, `<think>\\n` pre-fill included)
-and `images` (the PIL images in template order) when this engine is selected. Text-only batches (no vision
-tensors) fall back to the prompt token ids. `image_placeholder` rewrites the processor's image token in the text
-when the vLLM model expects another one (vLLM's InternVL chat model expands `<image>` itself).
+Prompts. vLLM takes text plus PIL images, not the collated tensors: `PromptCollator` puts `prompt_text` (the
+chat-template text, `<think>\\n` pre-fill included) and `images` (the PIL images in template order) into every
+`PromptBatch.records[i]`. Text-only batches without them fall back to the prompt token ids. `image_placeholder`
+rewrites the processor's image token in the text when the vLLM model expects another one (the stock folders this
+app writes need none: vLLM reads their processor).
 
 Truncated importance sampling (TIS). vLLM's kernels differ from the trainer's, so its sampler log-probs
 (`Rollouts.logprobs`) differ slightly from the trainer's log-probs of the same tokens: the rollout is slightly
-off-policy. GRPOModule should correct for it (to be wired by the module owner):
-
-    old = logp.detach()  (or the stored old log-probs when several updates reuse the rollouts)
-    if rollouts.logprobs is not None:
-        w, diff = tis_weights(old, rollouts.logprobs[rows], mask, self.rollout.tis_cap)
-        token_loss = token_loss * w          # before aggregation; w carries no gradient
-        log("rollout/logprob_diff", diff)
+off-policy. `GRPOModule.loss` multiplies the per-token loss by `tis_weights(old_logp, rollouts.logprobs, ...)`
+and logs `rollout/logprob_diff` (the mean gap) and `rollout/tis_weight` (the mean weight).
 
 `tis_weights` returns min(exp(trainer_old_logp - sampler_logp), cap) on response tokens (0 on padding) and the
 mean |trainer - sampler| log-prob gap, the health metric of the engine (it should stay ~1e-2 or below; a jump
 means the weight sync broke). `tis_cap=None` turns the correction off (weights of 1).
 
-Everything that touches vLLM runs only on a CUDA machine with `pip install -e .[vllm]`; the pure helpers
-(`tis_weights`, `weights_to_push`, `pack_responses`) are tested on CPU.
+The vLLM tier (`make test-vllm`, its own venv, README "vLLM") runs all of this with real vLLM on CPU; the pure
+helpers (`tis_weights`, `weights_to_push`, `pack_responses`, placements) are also tested in the main suite.
 """
 
 from __future__ import annotations

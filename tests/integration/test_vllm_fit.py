@@ -132,4 +132,5 @@ def test_fit_with_vllm_then_resume_samples_from_resumed_weights(tmp_path, tiny_m
 
     moved = mean_gap(trainer_logprobs(trained, batch, rollouts), trainer_logprobs(base, batch, rollouts),
                      rollouts.response_mask)
+    print(f"resumed weights vs model_path: mean |log-prob gap| {moved:.2e} on the same tokens")
     assert moved > 10 * SYNC_TOLERANCE, f"training barely moved the weights ({moved:.2e}): the test cannot tell"
