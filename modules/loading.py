@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import modules.processors  # noqa: F401  (registers the image-only processors)
+from modules.processors import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 def load_vlm(path: str | Path, dtype: str = "float32", attn_implementation: str | None = "sdpa",
              gradient_checkpointing: bool = False, trust_remote_code: bool = False):
     """Load (model, processor) from a local folder; weights from safetensors only."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     p = check_checkpoint_dir(path)
     if dtype not in DTYPES:
@@ -64,7 +64,7 @@ def load_vlm(path: str | Path, dtype: str = "float32", attn_implementation: str 
         p, dtype=DTYPES[dtype], attn_implementation=attn_implementation, use_safetensors=True,
         trust_remote_code=trust_remote_code, local_files_only=True,
     )
-    processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code, local_files_only=True)
+    processor = load_processor(p, trust_remote_code=trust_remote_code)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor

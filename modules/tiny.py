@@ -16,6 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedTokenizerFast
 
+from modules.stock import save_stock
+
 FAMILIES = ("internvl", "llava", "qwen2_5_vl")
 SIZES = ("tiny", "small")
 
@@ -211,8 +213,7 @@ def make_tiny(out_dir: str | Path, family: str = "internvl", size: str = "tiny",
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=True, temperature=1.0,
         max_new_tokens=96,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    build_processor(family, tok, spec).save_pretrained(out)
+    save_stock(model, build_processor(family, tok, spec), out)
     (out / "r1v_tiny.json").write_text(json.dumps({"family": family, "size": size, "seed": seed,
                                                    "vocab_size": len(tok)}, indent=2) + "\n")
     return out

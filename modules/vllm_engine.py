@@ -1,44 +1,46 @@
-"""vLLM rollout engine: an in-process `vllm.LLM` colocated with the trainer on the same GPU(s), no Ray.
+"""vLLM rollout engine: an in-process `vllm.LLM` beside the trainer (same GPU(s), or the CPU), no Ray.
 
 Life cycle (one engine per rank, each rank samples its own prompts):
-- `setup` builds `vllm.LLM(model_path, enable_sleep_mode=True, ...)` and puts it to sleep (level 1: weights
-  copied to CPU RAM, KV cache dropped) so the first update has the GPU to itself.
-- `sync_weights(model)` (after every optimiser step) only marks the engine stale; the next `generate` wakes
-  the weights, pushes the policy's *trainable* parameters (`weights_to_push`: frozen parts never change, so the
-  connector-only stage sends ~92M parameters, not 38B), wakes the KV cache, samples, and sleeps again. The
-  engine is also stale right after `setup`, so a run resumed from a checkpoint samples from the resumed
-  weights, not from `model_path`'s.
+- `setup` builds `vllm.LLM(model_path, ...)` with the engine core in this process
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0). Where it runs is a placement: on CUDA (`CudaPlacement`) vLLM takes
+  `gpu_memory_utilization` of the GPU and sleeps between rollouts (level 1: weights copied to CPU RAM, KV cache
+  dropped) so each update has the GPU to itself; on CPU (`CpuPlacement`) it takes a fixed `kv_cache_gb` of RAM
+  and stays awake (sleep mode is CUDA-only; the skip is logged once).
+- `sync_weights(model)` (after every optimiser step) only marks the engine stale; the next `generate` pushes the
+  policy's *trainable* parameters (`weights_to_push`: frozen parts never change, so the connector-only stage sends
+  ~92M parameters, not 38B) under their stock checkpoint names, samples, and sleeps again on CUDA. The engine is
+  also stale right after `setup`, so a run resumed from a checkpoint samples from the resumed weights, not from
+  `model_path`'s. `push_weights(llm, pairs)` is the push itself, for any (name, full tensor) pairs (e.g. gathered
+  from FSDP shards): `worker.reload_weights(..., is_checkpoint_format=True)`, which works on CPU and CUDA alike
+  (`model.load_weights` fails on CPU once the backend has repacked its linear weights), then the prefix and
+  encoder caches are reset.
 - `generate` sends each prompt once with `SamplingParams(n=G)`; with `enable_prefix_caching` the G samples of
   a prompt share its prefill (the same effect as `HFRolloutEngine(share_prompt=True)`).
 
-Prompts. vLLM takes text plus PIL images, not the collated tensors, so every `PromptBatch.records[i]` must carry
-`prompt_text` (the chat-template text that `PromptCollator.prompt_text` made, `<think>\\n` pre-fill included)
-and `images` (the PIL images in template order) when this engine is selected. Text-only batches (no vision
-tensors) fall back to the prompt token ids. `image_placeholder` rewrites the processor's image token in the text
-when the vLLM model expects another one (vLLM's InternVL chat model expands `<image>` itself).
+Prompts. vLLM takes text plus PIL images, not the collated tensors: `PromptCollator` puts `prompt_text` (the
+chat-template text, `<think>\\n` pre-fill included) and `images` (the PIL images in template order) into every
+`PromptBatch.records[i]`. Text-only batches without them fall back to the prompt token ids. `image_placeholder`
+rewrites the processor's image token in the text when the vLLM model expects another one (the stock folders this
+app writes need none: vLLM reads their processor).
 
 Truncated importance sampling (TIS). vLLM's kernels differ from the trainer's, so its sampler log-probs
 (`Rollouts.logprobs`) differ slightly from the trainer's log-probs of the same tokens: the rollout is slightly
-off-policy. GRPOModule should correct for it (to be wired by the module owner):
-
-    old = logp.detach()  (or the stored old log-probs when several updates reuse the rollouts)
-    if rollouts.logprobs is not None:
-        w, diff = tis_weights(old, rollouts.logprobs[rows], mask, self.rollout.tis_cap)
-        token_loss = token_loss * w          # before aggregation; w carries no gradient
-        log("rollout/logprob_diff", diff)
+off-policy. `GRPOModule.loss` multiplies the per-token loss by `tis_weights(old_logp, rollouts.logprobs, ...)`
+and logs `rollout/logprob_diff` (the mean gap) and `rollout/tis_weight` (the mean weight).
 
 `tis_weights` returns min(exp(trainer_old_logp - sampler_logp), cap) on response tokens (0 on padding) and the
 mean |trainer - sampler| log-prob gap, the health metric of the engine (it should stay ~1e-2 or below; a jump
 means the weight sync broke). `tis_cap=None` turns the correction off (weights of 1).
 
-Everything that touches vLLM runs only on a CUDA machine with `pip install -e .[vllm]`; the pure helpers
-(`tis_weights`, `weights_to_push`, `pack_responses`) are tested on CPU.
+The vLLM tier (`make test-vllm`, its own venv, README "vLLM") runs all of this with real vLLM on CPU; the pure
+helpers (`tis_weights`, `weights_to_push`, `pack_responses`, placements) are also tested in the main suite.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -46,6 +48,7 @@ from torch import nn
 
 from datamodules.types import PromptBatch, Rollouts
 from modules.rollout import RolloutEngine
+from modules.stock import stock_names
 
 log = logging.getLogger(__name__)
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
@@ -73,22 +76,12 @@ def weights_to_push(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) of the parameters that train; all of them when nothing is trainable.
 
     Names are those of `model.named_parameters()` without wrapper segments, mapped back to the names
-    `save_pretrained` writes (the ones vLLM loaded from), so vLLM's own checkpoint-name mapping applies.
+    a stock checkpoint carries (`modules.stock.stock_names`, the names vLLM loaded from), so vLLM's own
+    checkpoint-name mapping applies.
     """
     named = [(clean_name(n), p) for n, p in model.named_parameters()]
     chosen = [(n, p.detach()) for n, p in named if p.requires_grad] or [(n, p.detach()) for n, p in named]
-    return list(checkpoint_names(model, dict(chosen)).items())
-
-
-def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename module names to checkpoint names (transformers 5 renames some families' keys on load and
-    reverts the renaming in `save_pretrained`; InternVL's `model.language_model.*` is
-    `language_model.model.*` on disk)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # older transformers: module names are checkpoint names
-        return tensors
-    return dict(revert_weight_conversion(model, tensors))
+    return stock_names(model, chosen)
 
 
 def pack_responses(tokens: list[list[int]], logprobs: list[list[float]] | None, finished: list[bool],
@@ -135,17 +128,94 @@ def prompt_inputs(batch: PromptBatch, pad_id: int, image_placeholder: tuple[str,
     return out
 
 
+# -- where the engine runs ----------------------------------------------------------------------------------
+class CudaPlacement:
+    """On a GPU: vLLM takes a share of its memory and sleeps (weights to CPU RAM, KV cache freed) between
+    rollouts, so training has the GPU to itself."""
+
+    def __init__(self, gpu_memory_utilization: float, sleep: bool, sleep_level: int):
+        self.gpu_memory_utilization, self.sleep_enabled, self.sleep_level = gpu_memory_utilization, sleep, sleep_level
+        self.awake = {"weights", "kv_cache"}  # a new engine holds both
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"gpu_memory_utilization": self.gpu_memory_utilization, "enable_sleep_mode": self.sleep_enabled}
+
+    def sleep(self, llm: Any) -> None:
+        if self.sleep_enabled and self.awake:
+            llm.sleep(level=self.sleep_level)
+            self.awake = set()
+
+    def wake(self, llm: Any, tags: list[str]) -> None:
+        todo = [t for t in tags if t not in self.awake]
+        if todo:
+            llm.wake_up(tags=todo)
+            self.awake.update(todo)
+
+
+class CpuPlacement:
+    """On CPU: a fixed KV-cache size in RAM; sleep mode is a CUDA feature, so the engine stays awake."""
+
+    def __init__(self, kv_cache_gb: float, sleep_requested: bool):
+        self.kv_cache_gb = kv_cache_gb
+        if sleep_requested:
+            log.info("vLLM on CPU: sleep mode is CUDA-only, so the engine keeps its weights and %.2g GB KV cache "
+                     "between rollouts (sleep_between_rollouts is ignored)", kv_cache_gb)
+
+    def engine_args(self) -> dict[str, Any]:
+        # VLLM_CPU_KVCACHE_SPACE (whole GB), when set, still wins inside vLLM
+        return {"kv_cache_memory_bytes": int(self.kv_cache_gb * 2**30)}
+
+    def sleep(self, llm: Any) -> None:
+        pass
+
+    def wake(self, llm: Any, tags: list[str]) -> None:
+        pass
+
+
+def vllm_worker(llm: Any) -> Any:
+    """The worker inside an in-process engine (V1 with VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    engine = llm.llm_engine
+    executor = getattr(engine, "model_executor", None) or engine.engine_core.engine_core.model_executor
+    worker = executor.driver_worker
+    return getattr(worker, "worker", worker)
+
+
+def push_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Write (stock checkpoint name, full tensor) pairs into a running vLLM engine; returns the names pushed.
+
+    `model.load_weights` cannot be used after start-up on CPU (the CPU backend repacks linear weights for its
+    kernels and leaves the original parameters empty); `reload_weights` loads checkpoint-format tensors in place
+    and repacks them, on CPU and CUDA alike. Parts not in `weights` keep their values (vLLM warns once per such
+    layer; the warning is silenced here because pushing only what trains is the point). Cached prefixes and image
+    embeddings were computed with the old weights, so both caches are reset.
+    """
+    weights = list(weights)
+    quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        vllm_worker(llm).reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    finally:
+        quiet.setLevel(level)
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()  # image embeddings too (the scheduler's record and the runner's cache)
+    return [n for n, _ in weights]
+
+
 # -- the engine ----------------------------------------------------------------------------------------------
 class VLLMRolloutEngine(RolloutEngine):
-    """Rollouts with an in-process vLLM engine sharing the GPU with training (sleep mode between rollouts).
+    """Rollouts with an in-process vLLM engine beside the trainer (GPU: sleep mode between rollouts; CPU: a
+    fixed KV cache in RAM).
 
     Args:
-        gpu_memory_utilization: share of the GPU vLLM may take while awake (weights + KV cache).
+        gpu_memory_utilization: share of the GPU vLLM may take while awake (weights + KV cache). CUDA only.
+        kv_cache_gb: KV-cache size in GB on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE, which wins when set). CPU only.
         temperature: sampling temperature (paper: not given; 1.0).
         top_p: nucleus sampling mass.
         max_new_tokens: response length cap (paper: 4096, then 8192).
         enable_prefix_caching: reuse a prompt's prefill across its G samples.
-        sleep_between_rollouts: release vLLM's GPU memory (level-1 sleep) outside `generate`.
+        sleep_between_rollouts: release vLLM's GPU memory (level-1 sleep) outside `generate`. CUDA only; on CPU
+            it is skipped with a logged note.
         tis_cap: cap of the truncated importance weights for the vLLM/trainer log-prob gap (None = off).
         tensor_parallel_size: GPUs per engine (1 = one engine per rank, the supported layout).
         dtype: vLLM weight dtype.
@@ -155,82 +225,76 @@ class VLLMRolloutEngine(RolloutEngine):
         sleep_level: 1 keeps a CPU copy of the weights while asleep (needed when only some parts train).
     """
 
-    def __init__(self, gpu_memory_utilization: float = 0.5, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 1024, enable_prefix_caching: bool = True,
+    def __init__(self, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 1024, enable_prefix_caching: bool = True,
                  sleep_between_rollouts: bool = True, tis_cap: float | None = 2.0, tensor_parallel_size: int = 1,
                  dtype: str = "bfloat16", max_model_len: int | None = None,
                  image_placeholder: list[str] | None = None, engine_kwargs: dict[str, Any] | None = None,
                  sleep_level: int = 1):
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization}: expected a share in (0, 1]")
+        if kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb={kv_cache_gb}: expected a positive size in GB")
         if tis_cap is not None and tis_cap < 1.0:
             raise ValueError(f"tis_cap={tis_cap}: a cap below 1 would down-weight on-policy tokens; use >= 1 or null")
         if image_placeholder is not None and len(image_placeholder) != 2:
             raise ValueError("image_placeholder: expected [processor token, vLLM token]")
-        self.gpu_memory_utilization, self.temperature, self.top_p = gpu_memory_utilization, temperature, top_p
+        self.gpu_memory_utilization, self.kv_cache_gb = gpu_memory_utilization, kv_cache_gb
+        self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.enable_prefix_caching = max_new_tokens, enable_prefix_caching
         self.sleep_between_rollouts, self.tis_cap = sleep_between_rollouts, tis_cap
         self.tensor_parallel_size, self.dtype, self.max_model_len = tensor_parallel_size, dtype, max_model_len
         self.image_placeholder = tuple(image_placeholder) if image_placeholder else None
         self.engine_kwargs, self.sleep_level = dict(engine_kwargs or {}), sleep_level
         self.llm: Any = None
+        self.placement: CudaPlacement | CpuPlacement | None = None
         self.tokenizer: Any = None
         self.seed, self.calls = 0, 0
+        self.last_pushed: list[str] = []
         self._stale = True
-        self._asleep = False
 
     # -- set-up ---------------------------------------------------------------------------------------------
+    def place(self, device: torch.device) -> CudaPlacement | CpuPlacement:
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return CudaPlacement(self.gpu_memory_utilization, self.sleep_between_rollouts, self.sleep_level)
+        if kind == "cpu":
+            return CpuPlacement(self.kv_cache_gb, self.sleep_between_rollouts)
+        raise RuntimeError(f"VLLMRolloutEngine runs on CUDA or CPU (trainer device is {device})")
+
     def setup(self, model: nn.Module, processor: Any, device: torch.device, seed: int) -> None:
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.seed, self._stale = seed, True
+        self.seed, self._stale = seed, True  # a resumed run samples from the resumed weights, not model_path's
         if self.llm is not None:
             return
         try:
             import vllm
         except ImportError as e:
-            raise ImportError("VLLMRolloutEngine needs vLLM: install with `pip install -e .[vllm]` on a CUDA "
-                              "machine, or select modules.rollout.HFRolloutEngine") from e
-        if torch.device(device).type != "cuda":
-            raise RuntimeError(f"VLLMRolloutEngine runs on CUDA only (trainer device is {device})")
+            raise ImportError("VLLMRolloutEngine needs vLLM: `pip install -e .[vllm]` on a CUDA machine, or "
+                              "`make vllm-venv` for the CPU build (README, section vLLM); or select "
+                              "modules.rollout.HFRolloutEngine") from e
+        self.placement = self.place(device)
         # In-process engine core, so the policy's weights can be written straight into the vLLM model.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         path = getattr(model, "name_or_path", None) or model.config._name_or_path
-        kwargs = dict(model=str(path), dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization,
-                      enable_prefix_caching=self.enable_prefix_caching, enable_sleep_mode=self.sleep_between_rollouts,
+        kwargs = dict(model=str(path), dtype=self.dtype, enable_prefix_caching=self.enable_prefix_caching,
                       tensor_parallel_size=self.tensor_parallel_size, seed=seed, max_model_len=self.max_model_len,
-                      limit_mm_per_prompt={"image": 16}, **self.engine_kwargs)
+                      limit_mm_per_prompt={"image": 16}, **self.placement.engine_args(), **self.engine_kwargs)
         if self.tensor_parallel_size > 1:
             kwargs.setdefault("distributed_executor_backend", "external_launcher")
         self.llm = vllm.LLM(**kwargs)
-        self._sleep()
-
-    def _sleep(self) -> None:
-        if self.sleep_between_rollouts and not self._asleep:
-            self.llm.sleep(level=self.sleep_level)
-            self._asleep = True
-
-    def _wake(self, tags: list[str]) -> None:
-        if self._asleep:
-            self.llm.wake_up(tags=tags)
+        self.placement.sleep(self.llm)
 
     # -- weights --------------------------------------------------------------------------------------------
     def sync_weights(self, model: nn.Module) -> None:
         """Mark the engine stale; the push happens at the next `generate`, just before sampling."""
         self._stale = True
 
-    def _vllm_model(self) -> Any:
-        """The vLLM model object inside the in-process engine (V1 with multiprocessing off)."""
-        engine = self.llm.llm_engine
-        executor = getattr(engine, "model_executor", None) or engine.engine_core.engine_core.model_executor
-        worker = executor.driver_worker
-        worker = getattr(worker, "worker", worker)
-        return worker.model_runner.model
-
-    def _push(self, model: nn.Module) -> None:
-        weights = self._gathered(model)
-        self._vllm_model().load_weights(weights=weights)
-        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
-        log.debug("pushed %d tensors to vLLM", len(weights))
+    def push(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Write (stock checkpoint name, full tensor) pairs into the engine (see `push_weights`)."""
+        self.placement.wake(self.llm, ["weights"])
+        self.last_pushed = push_weights(self.llm, weights)
+        log.debug("pushed %d tensors to vLLM", len(self.last_pushed))
 
     @staticmethod
     def _gathered(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -247,12 +311,10 @@ class VLLMRolloutEngine(RolloutEngine):
                  temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
         from vllm import SamplingParams
 
-        self._wake(["weights"])
         if self._stale:
-            self._push(model)
+            self.push(self._gathered(model))
             self._stale = False
-        self._wake(["kv_cache"])
-        self._asleep = False
+        self.placement.wake(self.llm, ["weights", "kv_cache"])
         params = SamplingParams(
             n=group_size, temperature=self.temperature if temperature is None else temperature, top_p=self.top_p,
             max_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens, logprobs=0,
@@ -263,7 +325,7 @@ class VLLMRolloutEngine(RolloutEngine):
             outputs = self.llm.generate(prompt_inputs(batch, self.tokenizer.pad_token_id, self.image_placeholder),
                                         params, use_tqdm=False)
         finally:
-            self._sleep()
+            self.placement.sleep(self.llm)
         return self._rollouts(batch, outputs, group_size, model)
 
     def _rollouts(self, batch: PromptBatch, outputs: list[Any], g: int, model: nn.Module) -> Rollouts:
@@ -284,6 +346,19 @@ class VLLMRolloutEngine(RolloutEngine):
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         return sorted(i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id)
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (a later `setup` starts a new one)."""
+        if self.llm is None:
+            return
+        import gc
+
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        cleanup_dist_env_and_memory()
 
     # -- checkpoint state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -49,6 +49,24 @@ def test_engine_rejects_bad_settings():
         VLLMRolloutEngine(tis_cap=0.5)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         VLLMRolloutEngine(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="kv_cache_gb"):
+        VLLMRolloutEngine(kv_cache_gb=0)
+
+
+def test_cpu_placement_takes_a_kv_cache_size_and_skips_sleep_with_a_note(caplog):
+    from modules.vllm_engine import CpuPlacement, CudaPlacement
+
+    engine = VLLMRolloutEngine(kv_cache_gb=0.5, gpu_memory_utilization=0.3)
+    with caplog.at_level("INFO", logger="modules.vllm_engine"):
+        cpu = engine.place(torch.device("cpu"))
+    assert isinstance(cpu, CpuPlacement) and cpu.engine_args() == {"kv_cache_memory_bytes": 2**29}
+    assert "sleep mode is CUDA-only" in caplog.text
+    cpu.sleep(None), cpu.wake(None, ["weights"])  # no engine calls on CPU
+    cuda = engine.place(torch.device("cuda"))
+    assert isinstance(cuda, CudaPlacement)
+    assert cuda.engine_args() == {"gpu_memory_utilization": 0.3, "enable_sleep_mode": True}
+    with pytest.raises(RuntimeError, match="CUDA or CPU"):
+        engine.place(torch.device("meta"))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +142,7 @@ def test_setup_without_vllm_says_how_to_install(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.vllm
-def test_vllm_rollout_end_to_end(tiny):
+def test_vllm_rollout_end_to_end_cuda(tiny):
     """Sample with vLLM on the tiny model, push weights, and compare sampler and trainer log-probs."""
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
