@@ -121,8 +121,8 @@ class R1VCLI(LightningCLI):
                                 getattr(err, "fix", None)) from err
             traceback.print_exc()
             raise TrainingError(what.strip().splitlines()[-1], where,
-                                "the last checkpoint is kept: fix the cause, then run the same command with "
-                                "--ckpt_path last") from err
+                                "fix the cause, then rerun the same command (with --ckpt_path last to continue "
+                                "from the last checkpoint)") from err
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
         """A rich progress bar by default, unless the config turns bars off or brings its own; atomic checkpoint
@@ -163,7 +163,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> R1VCLI:
         if debug:
             raise
         sys.stdout.flush()
-        print(format_block(err.what, err.where, err.fix) + f"\n  {DEBUG_HINT}", file=sys.stderr)
+        hint = "" if isinstance(err, TrainingError) else f"\n  {DEBUG_HINT}"  # the traceback is already shown
+        print(format_block(err.what, err.where, err.fix) + hint, file=sys.stderr)
         raise SystemExit(1 if isinstance(err, TrainingError) else 2) from None
 
 
