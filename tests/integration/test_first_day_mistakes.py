@@ -3,8 +3,8 @@
 One table row per mistake: the command (the README's tiny GRPO command plus the mistake, in a folder laid out like
 a clone), and words that the last 5 lines of stderr must contain. Every row must also exit non-zero, print no
 traceback and no jsonargparse `Namespace(...)` dump, and stay under 15 lines of output (stdout + stderr). The rows
-run in one interpreter (tests/integration/mistakes_driver.py runs `app/__main__.py` as `python -m app` does, row
-after row), since each python start costs seconds on this machine. A last row fails during training (a NaN
+run in two interpreters side by side (tests/integration/mistakes_driver.py runs `app/__main__.py` as `python -m app`
+does, row after row), since each python start costs seconds on this machine. A last row fails during training (a NaN
 verifier that stays down): its traceback is kept, and the block at the end names the step and the batch's prompt
 ids. The same mistake with `--debug` shows the traceback.
 """
@@ -88,14 +88,21 @@ def results(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
     pd.DataFrame({"prompt": [f"q{i}" for i in range(20)], "response": ["a"] * 20}).to_parquet(
         work / "other_schema.parquet")
     rows = [{"id": i, "args": a, "block": b} for i, a, _, b in [*MISTAKES, DURING_TRAINING, DEBUG]]
-    (work / "rows.json").write_text(json.dumps(rows))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("R1V_DEBUG", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/integration/mistakes_driver.py"), "rows.json",
-                           "out.json"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((work / "out.json").read_text())
+    procs = []
+    for part in (0, 1):  # two interpreters side by side (2 cores)
+        (work / f"rows{part}.json").write_text(json.dumps(rows[part::2]))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests/integration/mistakes_driver.py"),
+                                       f"rows{part}.json", f"out{part}.json"], cwd=work, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results: dict[str, dict] = {}
+    for part, proc in enumerate(procs):
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        results.update(json.loads((work / f"out{part}.json").read_text()))
+    return results
 
 
 @pytest.mark.parametrize("row", MISTAKES, ids=[m[0] for m in MISTAKES])
