@@ -11,6 +11,9 @@ to add a `RunJournal` of every step. The shipped configs/tiny/grpo.yaml keeps it
   uninterrupted run, and continues the same TensorBoard version (one curve, equal to the uninterrupted one's).
 * SIGTERM (during validation, during a training step): the step in progress finishes, `last.ckpt` is saved, the
   process exits with status 0, and resuming with the README's command again matches the uninterrupted run.
+* configs/tiny/sft.yaml (automatic optimization): SIGTERM, then the README's command (`grpo` -> `sft`): one
+  TensorBoard version whose loss curve equals an uninterrupted run's. tests/unit/test_resume_layout.py checks every
+  other shipped config and overlay for where `last` is found and where the resumed run writes.
 * `--ckpt_path last` with nothing to resume is an error naming the folders searched.
 * A kill in the middle of a checkpoint save leaves the previous `last.ckpt` intact and loadable.
 
@@ -88,12 +91,12 @@ def clone(assets, tmp_path) -> Path:
     return _make_clone(tmp_path, assets)
 
 
-def _start(work: Path, args: list[str]) -> subprocess.Popen:
+def _start(work: Path, args: list[str], shrink: list[str] = SHRINK) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     log = (work / f"log-{len(list(work.glob('log-*')))}.txt").open("w")
-    return subprocess.Popen([sys.executable, "-m", "app", *args, *SHRINK], cwd=work, env=env, stdout=log,
+    return subprocess.Popen([sys.executable, "-m", "app", *args, *shrink], cwd=work, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -137,13 +140,13 @@ def _assert_same_steps(got: dict[int, dict], want: dict[int, dict], steps: range
         assert g["losses"] == pytest.approx(w["losses"], abs=1e-6), f"step {step}: losses differ"
 
 
-def _curves(work: Path) -> dict[str, list[tuple[int, float]]]:
+def _curves(work: Path, run_dir: Path = RUN_DIR) -> dict[str, list[tuple[int, float]]]:
     """Every training scalar of the run's TensorBoard folder, as TensorBoard's own loader reads it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    versions = sorted(p.name for p in (work / RUN_DIR / "tb").iterdir())
+    versions = sorted(p.name for p in (work / run_dir / "tb").iterdir())
     assert versions == ["version_0"], f"one run must read as one TensorBoard version, got {versions}"
-    acc = EventAccumulator(str(work / VERSION0), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(work / run_dir / "tb" / "version_0"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
             if tag.startswith("train/")}
@@ -234,6 +237,36 @@ def test_sigterm_saves_last_exits_cleanly_and_readme_command_resumes_exactly(clo
     _assert_same_steps(resumed, reference[0], range(last + 1, MAX_STEPS + 1))
     assert sorted(p.name for p in ckpts.iterdir()) == [f"epoch=0-step={FIRST_CKPT}.ckpt", "last.ckpt"]  # no last-v1
     _assert_same_curves(_curves(clone), reference[1])
+
+
+SFT_RUN_DIR = Path("runs/tiny/sft")
+SFT_SHRINK = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+              "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.deterministic", "true", "--data.batch_size", "2", "--data.val_batch_size", "2",
+              "--data.val_limit", "2"]
+
+
+def test_sft_config_sigterm_then_readme_command_continues_the_same_curve(assets, clone, tmp_path_factory):
+    """configs/tiny/sft.yaml (automatic optimization, its own folders): SIGTERM after step 2, then the README's
+    resume command; one TensorBoard version whose loss curve equals an uninterrupted run's."""
+    first, resume = readme_commands()
+    first, resume = [a.replace("grpo", "sft") for a in first], [a.replace("grpo", "sft") for a in resume]
+    ref = _make_clone(tmp_path_factory.mktemp("sft-reference"), assets)
+    assert _finish(_start(ref, first, SFT_SHRINK), ref) == 0, _logs(ref)
+
+    proc = _start(clone, first, SFT_SHRINK)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(len(v) >= 2 for v in (_curves(clone, SFT_RUN_DIR) if (clone / SFT_RUN_DIR / "tb").exists()
+                                           else {}).values()):  # flushed each step by ContinueCurves
+        assert proc.poll() is None and time.monotonic() < deadline, _logs(clone)
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert _finish(proc, clone) == 0, _logs(clone)
+    stopped_at = _ckpt_step(clone / SFT_RUN_DIR / "tb" / "version_0" / "checkpoints" / "last.ckpt")
+    assert 2 <= stopped_at < 6, stopped_at
+
+    assert _finish(_start(clone, resume, SFT_SHRINK), clone) == 0, _logs(clone)
+    _assert_same_curves(_curves(clone, SFT_RUN_DIR), _curves(ref, SFT_RUN_DIR))
 
 
 def test_ckpt_path_last_with_nothing_to_resume_is_an_error_naming_the_folders(clone):
