@@ -15,7 +15,7 @@ from typing import Any
 from jsonargparse import Namespace
 
 from app.errors import UserError
-from app.resume import _get, _is_subclass
+from app.resume import is_subclass, value_of
 
 
 def _class_path(spec: Any) -> str | None:
@@ -41,8 +41,8 @@ def _has_vllm() -> bool:
 
 
 def check_rollout_engine(model: Namespace) -> None:
-    rollout = _get(model.get("init_args"), "rollout")
-    if _is_subclass(_class_path(rollout), "modules.vllm_engine.VLLMRolloutEngine") and \
+    rollout = value_of(model.get("init_args"), "rollout")
+    if is_subclass(_class_path(rollout), "modules.vllm_engine.VLLMRolloutEngine") and \
             not _has_vllm():
         raise UserError(f"the rollout engine {_class_path(rollout)} needs vLLM, which is not installed",
                         "--model.init_args.rollout",
@@ -63,7 +63,7 @@ def _world_size(trainer: Namespace) -> int | None:
 
 def check_fsdp2_sizes(trainer: Namespace) -> None:
     strategy = trainer.get("strategy")
-    if not _is_subclass(_class_path(strategy), "lightning.pytorch.strategies.ModelParallelStrategy"):
+    if not is_subclass(_class_path(strategy), "lightning.pytorch.strategies.ModelParallelStrategy"):
         return
     init = strategy.get("init_args") or Namespace()
     dp, tp = init.get("data_parallel_size", "auto"), init.get("tensor_parallel_size", "auto")
@@ -85,12 +85,12 @@ def check_fsdp2_sizes(trainer: Namespace) -> None:
 
 def check_curriculum(config: Namespace) -> None:
     callbacks = config.trainer.get("callbacks") or []
-    curriculum = [c for c in callbacks if _is_subclass(_class_path(c), "callbacks.curriculum.CurriculumCallback")]
+    curriculum = [c for c in callbacks if is_subclass(_class_path(c), "callbacks.curriculum.CurriculumCallback")]
     if not curriculum:
         return
     model = _class_path(config.get("model"))
     sft = (config.get("data") or Namespace()).get("mode") == "sft" or \
-        not _is_subclass(model, "modules.grpo_module.GRPOModule")
+        not is_subclass(model, "modules.grpo_module.GRPOModule")
     if sft:
         raise UserError(f"a curriculum (CurriculumCallback) on an SFT run ({model}, data.mode "
                         f"{config.data.get('mode')!r}): it orders prompts by GRPO rewards and pass rates, which SFT "

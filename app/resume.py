@@ -56,13 +56,13 @@ def _import(class_path: str) -> type | None:
         return None
 
 
-def _is_subclass(class_path: str | None, base: type | str) -> bool:
+def is_subclass(class_path: str | None, base: type | str) -> bool:
     cls = _import(class_path) if class_path else None
     base = _import(base) if isinstance(base, str) else base
     return isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)
 
 
-def _get(ns: Any, key: str, default: Any = None) -> Any:
+def value_of(ns: Any, key: str, default: Any = None) -> Any:
     if isinstance(ns, Namespace | dict):
         value = ns.get(key, default)
         return default if value is None else value
@@ -90,14 +90,14 @@ def logger_specs(trainer: Namespace) -> list[Namespace]:
 
 
 def _versioned(spec: Any) -> bool:
-    return isinstance(spec, Namespace) and any(_is_subclass(spec.get("class_path"), base) for base in _VERSIONED)
+    return isinstance(spec, Namespace) and any(is_subclass(spec.get("class_path"), base) for base in _VERSIONED)
 
 
 def _logger_root(spec: Namespace, root: str) -> str:
     """`<save_dir>/<name>` of a TensorBoard/CSV logger: the folder of its versions."""
     init = spec.get("init_args") or Namespace()
     name = init.get("name", "lightning_logs")
-    return os.path.join(str(_get(init, "save_dir", root)), str(name or ""))
+    return os.path.join(str(value_of(init, "save_dir", root)), str(name or ""))
 
 
 def _version_name(version: int | str) -> str:
@@ -109,13 +109,13 @@ def checkpoint_folders(trainer: Namespace) -> list[str]:
     root = trainer.get("default_root_dir") or os.getcwd()
     callbacks = trainer.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-    dirpaths = [_get(c.get("init_args"), "dirpath") for c in callbacks
-                if isinstance(c, Namespace) and _is_subclass(c.get("class_path"), ModelCheckpoint)]
+    dirpaths = [value_of(c.get("init_args"), "dirpath") for c in callbacks
+                if isinstance(c, Namespace) and is_subclass(c.get("class_path"), ModelCheckpoint)]
     if not dirpaths and trainer.get("enable_checkpointing") is not False:
         dirpaths = [None]  # Lightning adds a ModelCheckpoint of its own
-    dirpaths += [_get(c.get("init_args"), "dirpath") for c in callbacks if isinstance(c, Namespace)
-                 and _is_subclass(c.get("class_path"), "callbacks.fault_tolerance.PreemptionCheckpoint")
-                 and _get(c.get("init_args"), "dirpath")]
+    dirpaths += [value_of(c.get("init_args"), "dirpath") for c in callbacks if isinstance(c, Namespace)
+                 and is_subclass(c.get("class_path"), "callbacks.fault_tolerance.PreemptionCheckpoint")
+                 and value_of(c.get("init_args"), "dirpath")]
     loggers = logger_specs(trainer)
     folders: list[str] = []
     for dirpath in dirpaths:
@@ -124,7 +124,7 @@ def checkpoint_folders(trainer: Namespace) -> list[str]:
         elif not loggers:
             folder = os.path.join(root, "checkpoints")
         elif _versioned(loggers[0]):
-            version = _get(loggers[0].get("init_args"), "version")
+            version = value_of(loggers[0].get("init_args"), "version")
             sub = glob.escape(_logger_root(loggers[0], root))
             folder = os.path.join(sub, "*" if version is None else glob.escape(_version_name(version)), "checkpoints")
         else:  # a logger whose folder is only known once it runs (WandB, MLflow, ...): Lightning's rule applies
@@ -172,7 +172,7 @@ def resolve_last(trainer: Namespace) -> Resume:
     root = trainer.get("default_root_dir") or os.getcwd()
     versions: dict[int, str] = {}
     for i, spec in enumerate(logger_specs(trainer)):
-        if not _versioned(spec) or _get(spec.get("init_args"), "version") is not None:
+        if not _versioned(spec) or value_of(spec.get("init_args"), "version") is not None:
             continue
         logger_root = _logger_root(spec, root)
         ckpt_folder = os.path.dirname(os.path.abspath(path))
