@@ -11,6 +11,9 @@
   the current training step finishes, `last.ckpt` is saved atomically, and the process exits with status 0.
   Lightning 2.6 alone stops after the step (its `SIGTERMException` is a `SystemExit` with status 0) but saves
   nothing; this callback takes over the signal during training, saves, then raises that same exception.
+* `ContinueCurves` (added by the CLI): a resumed run that writes into the interrupted run's TensorBoard folder
+  (app/resume.py pins the version) first marks a restart at the checkpoint's step, so TensorBoard drops what the
+  interrupted run logged after its checkpoint and the resumed run's values take their place: one curve.
 * `RunJournal`: appends one JSON line per training step ({step, ids, rewards, losses, mean_reward}) to a file,
   so two runs (say, an interrupted one and an uninterrupted one) can be compared step by step.
 """
@@ -144,7 +147,10 @@ class PreemptionCheckpoint(L.Callback):
     only sets a flag; the flag is checked once per step, at `on_train_batch_end` (under DDP it is OR-reduced over
     ranks, so every rank stops at the same step), and, when validation runs inside training, at
     `on_validation_end` (a signal during validation lets it finish). When set: save `<dirpath>/last.ckpt` through
-    the trainer's CheckpointIO (atomic under this app's CLI), then raise `SIGTERMException`. Resume with
+    the trainer's CheckpointIO (atomic under this app's CLI); then, once Lightning has logged that step's metrics,
+    flush the loggers and raise `SIGTERMException` (at the next `on_train_batch_start`, or `on_validation_start`:
+    a validation due after the saved step is skipped, not started). So the TensorBoard curve holds the saved step
+    and the resumed run continues it. If the saved step was the last one, fit simply ends. Resume with
     `--ckpt_path last`. Before training starts (set-up, sanity check) Lightning's own handler applies: it exits
     without a checkpoint, as nothing has been trained yet.
 
@@ -158,6 +164,7 @@ class PreemptionCheckpoint(L.Callback):
         self.dirpath = dirpath
         self.saved_path: str | None = None
         self.signalled = False
+        self._exit_pending = False
         self._previous_handler: Any = None
         self._installed = False
 
@@ -168,7 +175,7 @@ class PreemptionCheckpoint(L.Callback):
         self.signalled = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signalled = False
+        self.signalled = self._exit_pending = False
         if os.name == "nt" or threading.current_thread() is not threading.main_thread():
             return  # signals can only be handled in the main thread
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -193,8 +200,8 @@ class PreemptionCheckpoint(L.Callback):
                 return os.path.join(cb.dirpath, name)
         return os.path.join(trainer.default_root_dir, "checkpoints", name)
 
-    def _stop_if_signalled(self, trainer: L.Trainer, where: str) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+    def _save_if_signalled(self, trainer: L.Trainer, where: str) -> None:
+        if self._exit_pending or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         path = self.checkpoint_path(trainer)
         if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
@@ -206,17 +213,71 @@ class PreemptionCheckpoint(L.Callback):
                 cb.last_model_path = path
         trainer.save_checkpoint(path)
         self.saved_path = path
+        self._exit_pending = True
         rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step} ({where}); exiting (status 0). "
                        "Resume with `--ckpt_path last`.")
-        raise SIGTERMException()
+
+    def _exit_if_saved(self, trainer: L.Trainer) -> None:
+        if self._exit_pending:
+            for logger in trainer.loggers:  # the saved step's metrics, logged after on_train_batch_end
+                logger.save()
+            raise SIGTERMException()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._stop_if_signalled(trainer, "end of the training step")
+        self._save_if_signalled(trainer, "end of the training step")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._stop_if_signalled(trainer, "after validation")
+            self._save_if_signalled(trainer, "after validation")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._exit_if_saved(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._exit_if_saved(trainer)
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard curves
+class ContinueCurves(L.Callback):
+    """When training resumes from a checkpoint, write TensorBoard's restart marker (a `SessionLog.START` event at
+    the first step the resumed run logs, what `SummaryWriter(purge_step=...)` writes) into each TensorBoard
+    logger's event file.
+
+    TensorBoard then discards the events at or after that step that were written before the marker: the steps an
+    interrupted run logged after its last checkpoint, which the resumed run logs again. The loggers are also
+    flushed at the start of every training step, so a SIGKILL loses no step before the last checkpoint (its
+    metrics are logged after the checkpoint is saved, and a resumed run does not log them again).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._marked = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._marked = trainer.ckpt_path is None  # nothing to mark on a fresh start
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+        if self._marked:
+            return
+        self._marked = True
+        if not trainer.is_global_zero:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        # the step Lightning's loggers use for this batch (restored from the checkpoint by the loop's reset)
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                writer = logger.experiment._get_file_writer()
+                writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+                writer.flush()
 
 
 # ----------------------------------------------------------------------------------------------- run journal
@@ -283,5 +344,5 @@ def read_journal(path: str | os.PathLike) -> dict[int, dict[str, Any]]:
     return out
 
 
-__all__ = ["AtomicCheckpointIO", "PreemptionCheckpoint", "RunJournal", "SafeModelCheckpoint", "atomic_write",
+__all__ = ["AtomicCheckpointIO", "ContinueCurves", "PreemptionCheckpoint", "RunJournal", "SafeModelCheckpoint", "atomic_write",
            "read_journal"]

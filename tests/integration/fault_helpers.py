@@ -16,3 +16,16 @@ class OddLengthReward(Reward):
 
     def score_one(self, response: str, record: Mapping[str, Any]) -> float:
         return float(len(response) % 2)
+
+
+class VerifierDownReward(Reward):
+    """A batch reward whose verifier service stays down: the batch call fails, as a remote verifier's client does
+    once its retries are spent (an error during training; per-response failures would score 0 instead)."""
+
+    name = "verifier_down"
+
+    def score_one(self, response: str, record: Mapping[str, Any]) -> float:  # pragma: no cover - never reached
+        return 0.0
+
+    def __call__(self, responses, records) -> list[float]:
+        raise ConnectionError("verifier http://127.0.0.1:9/verify did not answer (3 tries in 30 s)")
