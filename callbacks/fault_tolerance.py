@@ -271,8 +271,9 @@ class ContinueCurves(L.Callback):
         from lightning.pytorch.loggers import TensorBoardLogger
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-        # the step Lightning's loggers use for this batch (restored from the checkpoint by the loop's reset)
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        # the first step this run logs: scalars go to `global_step` after the optimiser step
+        # (modules.common.log_global_step), so the checkpoint's own step N stays and N + 1 on is replaced
+        step = trainer.global_step + 1
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment._get_file_writer()

@@ -55,7 +55,7 @@ MISTAKES: list[tuple[str, list[str], list[str], list[str]]] = [
     ("curriculum-on-sft", ["fit", "--config", "configs/tiny/sft.yaml", "--config",
                            "configs/curriculum/pass_rate.yaml"], ["curriculum", "SFT", "configs/tiny/grpo.yaml"], []),
     ("resume-with-nothing", [*BASE, "--ckpt_path", "last"],
-     ["no checkpoint to resume from", "runs/tiny/grpo/tb/*/checkpoints", "leave out --ckpt_path"], []),
+     ["no checkpoint to resume from", "runs/tiny/grpo/*/checkpoints", "leave out --ckpt_path"], []),
     ("vllm-not-installed", [*BASE, "--model.init_args.rollout", "modules.vllm_engine.VLLMRolloutEngine"],
      ["VLLMRolloutEngine", "vLLM", "HFRolloutEngine"], ["vllm"]),
     ("fsdp2-sizes-do-not-shard", [*BASE, "--config", "fsdp2.yaml"], ["data_parallel_size", "shards nothing"], []),

@@ -43,7 +43,7 @@ MAX_STEPS = 14
 FIRST_CKPT = 10  # configs/tiny/grpo.yaml: ModelCheckpoint(every_n_train_steps=10)
 TIMEOUT_S = 300
 RUN_DIR = Path("runs/tiny/grpo")  # the config's default_root_dir and logger save_dir
-VERSION0 = RUN_DIR / "tb" / "version_0"
+VERSION0 = RUN_DIR / "version_0"
 SHRINK = [
     "--trainer.max_steps", str(MAX_STEPS), "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true",
@@ -144,9 +144,9 @@ def _curves(work: Path, run_dir: Path = RUN_DIR) -> dict[str, list[tuple[int, fl
     """Every training scalar of the run's TensorBoard folder, as TensorBoard's own loader reads it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    versions = sorted(p.name for p in (work / run_dir / "tb").iterdir())
+    versions = sorted(p.name for p in (work / run_dir).glob("version_*"))
     assert versions == ["version_0"], f"one run must read as one TensorBoard version, got {versions}"
-    acc = EventAccumulator(str(work / run_dir / "tb" / "version_0"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(work / run_dir / "version_0"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
             if tag.startswith("train/")}
@@ -256,13 +256,13 @@ def test_sft_config_sigterm_then_readme_command_continues_the_same_curve(assets,
 
     proc = _start(clone, first, SFT_SHRINK)
     deadline = time.monotonic() + TIMEOUT_S
-    while not any(len(v) >= 2 for v in (_curves(clone, SFT_RUN_DIR) if (clone / SFT_RUN_DIR / "tb").exists()
+    while not any(len(v) >= 2 for v in (_curves(clone, SFT_RUN_DIR) if (clone / SFT_RUN_DIR / "version_0").exists()
                                            else {}).values()):  # flushed each step by ContinueCurves
         assert proc.poll() is None and time.monotonic() < deadline, _logs(clone)
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert _finish(proc, clone) == 0, _logs(clone)
-    stopped_at = _ckpt_step(clone / SFT_RUN_DIR / "tb" / "version_0" / "checkpoints" / "last.ckpt")
+    stopped_at = _ckpt_step(clone / SFT_RUN_DIR / "version_0" / "checkpoints" / "last.ckpt")
     assert 2 <= stopped_at < 6, stopped_at
 
     assert _finish(_start(clone, resume, SFT_SHRINK), clone) == 0, _logs(clone)
@@ -275,7 +275,7 @@ def test_ckpt_path_last_with_nothing_to_resume_is_an_error_naming_the_folders(cl
     assert _finish(proc, clone) == 2
     log = _logs(clone)
     assert "Traceback" not in log, log
-    assert "no checkpoint to resume from" in log and str(RUN_DIR / "tb" / "*" / "checkpoints") in log, log
+    assert "no checkpoint to resume from" in log and str(RUN_DIR / "*" / "checkpoints") in log, log
     assert "leave out --ckpt_path" in log, log
     assert not (clone / RUN_DIR).exists()  # nothing started
 
@@ -290,25 +290,32 @@ def multi_file(tmp_path_factory, tiny_model_dir):
 
 
 def test_sigkill_then_resume_on_multi_file_data_with_two_workers(multi_file, tmp_path):
-    workers = ("--data.num_workers", "2")  # rows read and images decoded in two workers, which fetch ahead
-    ref = tmp_path / "reference"
-    assert _finish(_start(ref, multi_file, *workers), ref) == 0, _logs(ref)
+    """The README's commands on four shards read lazily in two DataLoader workers (which fetch ahead)."""
+    first, resume = readme_commands()
+    shrink = [*SHRINK, "--data.num_workers", "2"]
+    ref = _make_clone(_mkdir(tmp_path / "reference"), multi_file)
+    assert _finish(_start(ref, first, shrink), ref) == 0, _logs(ref)
     want = read_journal(ref / "journal.jsonl")
     assert sorted(want) == list(range(1, MAX_STEPS + 1))
 
-    run = tmp_path / "killed"
-    kill_step = int(os.environ.get("R1V_RESUME_KILL_STEP", random.randint(2, MAX_STEPS - 2)))
+    run = _make_clone(_mkdir(tmp_path / "killed"), multi_file)
+    kill_step = int(os.environ.get("R1V_RESUME_KILL_STEP", random.randint(FIRST_CKPT + 1, MAX_STEPS - 2)))
     print(f"SIGKILL after step {kill_step}; pin with R1V_RESUME_KILL_STEP={kill_step}")
-    proc = _start(run, multi_file, *workers)
+    proc = _start(run, first, shrink)
     _wait_for_step(proc, run, kill_step)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    resumed_from = _ckpt_step(run / "ckpt" / "last.ckpt")
+    resumed_from = _ckpt_step(run / VERSION0 / "checkpoints" / "last.ckpt")
     (run / "journal.jsonl").rename(run / "journal-killed.jsonl")
-    assert _finish(_start(run, multi_file, *workers, "--ckpt_path", "last"), run) == 0, _logs(run)
+    assert _finish(_start(run, resume, shrink), run) == 0, _logs(run)
     resumed = read_journal(run / "journal.jsonl")
     assert sorted(resumed) == list(range(resumed_from + 1, MAX_STEPS + 1))
     _assert_same_steps(resumed, want, range(resumed_from + 1, MAX_STEPS + 1))
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
 
 
 KILL_DURING_SAVE = r"""
