@@ -109,6 +109,7 @@ class VerifyWorker:
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
         self.timeouts = 0
+        self.calls = 0
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -123,7 +124,7 @@ class VerifyWorker:
         return self._active.proc if self._active is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"timeout_s": self.timeout_s, "startup_timeout_s": self.startup_timeout_s, "timeouts": 0}
+        return {"timeout_s": self.timeout_s, "startup_timeout_s": self.startup_timeout_s, "timeouts": 0, "calls": 0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -175,6 +176,7 @@ class VerifyWorker:
         """math-verify's verdict on ``candidate`` vs ``gold``; False on timeout, crash or parse failure."""
         request = json.dumps({"gold": gold, "candidate": candidate}).encode() + b"\n"
         with self._lock:
+            self.calls += 1
             if not self._ensure_ready():
                 return False
             child = self._active
