@@ -34,7 +34,7 @@ _SYMBOLIC = [
     ("\\frac{\\sqrt{3}}{2}", ["\\frac{1}{2}\\sqrt{3}", "\\frac{\\sqrt{2}}{2}", "\\sin(\\pi/3)"]),
     ("(n+1)!", ["(n+1)n!", "n!", "(n+1)!"]),
 ]
-_TOWERS = [
+TOWERS = [
     "9^{9^{9^{9}}}",
     "10^{10^{10}}",
     "2^{2^{64}}",
@@ -90,7 +90,7 @@ def _symbolic(rng: random.Random) -> tuple[str, dict[str, Any]]:
 
 
 def _tower(rng: random.Random) -> tuple[str, dict[str, Any]]:
-    return rng.choice(_TOWERS), _open(rng.choice(["2", "\\sqrt{8}", "x^2"]))
+    return rng.choice(TOWERS), _open(rng.choice(["2", "\\sqrt{8}", "x^2"]))
 
 
 def _soup(rng: random.Random) -> tuple[str, dict[str, Any]]:

@@ -14,6 +14,7 @@ import pytest
 from modules.answer import canonical_integer, parse_decimal, parse_number
 from modules.choices import match_choice
 from modules.rewards import AccuracyReward, FormatReward
+from bench.rewards import TOWERS
 from tests.unit.test_rewards import OPTS, mc, open_q
 
 NUM_OPTS = ["12", "15", "18", "21"]
@@ -118,18 +119,6 @@ def test_one_digit_rule_for_all_scripts() -> None:
 
 
 # ------------------------------------------------------------------------------------ item 8: towers
-TOWERS = [
-    "9^{9^{9^{9}}}",
-    "10^{10^{10}}",
-    "2^{2^{64}}",
-    "10^{1000000}",
-    "1000000!",
-    "(10^{10})!",
-    "\\sqrt{x}^{10^{10}}",
-    "e^{e^{e^{10}}}",
-    "2^{3^{4}}",
-    "{10^{10}}^{10^{10}}",
-]
 
 
 @pytest.mark.parametrize("tower", TOWERS)
