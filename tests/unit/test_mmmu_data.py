@@ -212,3 +212,55 @@ def test_cli_errors_name_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert mmmu_main(["score", str(tmp_path / "preds")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "entry 0" in err and "response" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 22 item 10: outputs of models that never write </think> (the official example outputs' layout)
+
+
+def _official_layout(root: Path, responses: dict[str, list[str]]) -> Path:
+    """<root>/<Subject>/output.json with MC entries as the official llava1.5 example outputs: no think tags."""
+    for subject, texts in responses.items():
+        entries = [{"id": f"validation_{subject}_{i + 1}", "question_type": "multiple-choice", "answer": "B",
+                    "all_choices": ["A", "B", "C", "D"],
+                    "index2ans": {"A": "red", "B": "green", "C": "blue", "D": "black"}, "response": text}
+                   for i, text in enumerate(texts)]
+        (root / subject).mkdir(parents=True, exist_ok=True)
+        (root / subject / "output.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_no_think_outputs_are_scored_raw_and_said_loudly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _official_layout(tmp_path / "preds", {"Art": ["B", "(B) green", "A"],
+                                                  "Math": ["x</think>\\boxed{B}", "still thinking (B)"]})
+    assert mmmu_main(["score", str(root)]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    # Art has no </think> anywhere: scored raw, as the official script (2 of 3 right, none unparsed)
+    assert out["subjects"]["Art"]["acc_strict"] == pytest.approx(2 / 3)
+    assert out["subjects"]["Art"]["unparsed_frac"] == 0.0
+    # Math has a </think>: the R1V3 reading, the cut-off response is unparsed
+    assert out["subjects"]["Math"]["acc_strict"] == pytest.approx(1 / 2)
+    assert out["settings"]["mode"] == "auto"
+    assert out["settings"]["modes"] == {"Art": "raw", "Math": "prefilled"}
+    assert "</think>" in captured.err and "Art" in captured.err and "raw" in captured.err
+    assert "Math" not in captured.err
+
+
+def test_explicit_prefilled_on_no_think_outputs_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _official_layout(tmp_path / "preds", {"Art": ["B", "(B) green", "A"]})
+    assert mmmu_main(["score", str(root), "--mode", "prefilled"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["overall"]["unparsed_frac"] == 1.0 and out["settings"]["modes"] == {"Art": "prefilled"}
+    assert "warning" in captured.err.lower() and "Art" in captured.err and "--mode raw" in captured.err
+
+
+def test_auto_mode_follows_the_mode_a_folder_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder written by MMMUEvalCallback records its extraction mode in scores.json: auto re-scores with it."""
+    root = _official_layout(tmp_path / "preds", {"Art": ["B", "(B) green", "A"]})
+    (root / "scores.json").write_text(json.dumps({"settings": {"mode": "prefilled", "seed": 0}}))
+    assert mmmu_main(["score", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["settings"]["modes"] == {"Art": "prefilled"}
+    assert "scores.json" in captured.err
