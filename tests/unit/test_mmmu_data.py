@@ -264,3 +264,31 @@ def test_auto_mode_follows_the_mode_a_folder_records(tmp_path: Path, capsys: pyt
     captured = capsys.readouterr()
     assert json.loads(captured.out)["settings"]["modes"] == {"Art": "prefilled"}
     assert "scores.json" in captured.err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 22 item 11: every item of MMMU-val is kept, unresolvable image markers stay as text
+
+
+def test_official_counts_keep_every_item(tmp_path: Path) -> None:
+    from tests.mmmu_fixture import (
+        MATH_7_OPTIONS,
+        OFFICIAL_VAL_ITEMS,
+        OFFICIAL_VAL_MC,
+        OFFICIAL_VAL_OPEN,
+        write_official_counts_fixture,
+    )
+
+    summary = write_official_counts_fixture(tmp_path)
+    items, report = load_mmmu(tmp_path)
+    assert not report.skipped, report.skipped
+    assert len(items) == report.items_loaded == OFFICIAL_VAL_ITEMS
+    kinds = [i.question_type for i in items]
+    assert kinds.count("multiple-choice") == OFFICIAL_VAL_MC and kinds.count("open") == OFFICIAL_VAL_OPEN
+    per_subject = {s: sum(1 for i in items if i.subject == s) for s in SUBJECTS}
+    assert per_subject == {s: sum(1 for v in summary.items.values() if v["subject"] == s) for s in SUBJECTS}
+    math_7 = next(i for i in items if i.id == "validation_Math_7")
+    assert math_7.options == MATH_7_OPTIONS and math_7.image_slots == [1] and len(math_7.images) == 1
+    assert "A. <image 7>, <image 8>" in math_7.prompt_text and math_7.prompt_text.count("<image>") == 1
+    assert report.unresolved_markers == {"validation_Math_7": list(range(7, 31))}
+    assert report.to_dict()["unresolved_markers"]["validation_Math_7"][-1] == 30

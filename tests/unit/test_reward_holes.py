@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from bench.rewards import TOWERS
 from modules.answer import canonical_integer, parse_decimal, parse_number
 from modules.choices import match_choice
 from modules.rewards import AccuracyReward, FormatReward
-from bench.rewards import TOWERS
 from tests.unit.test_rewards import OPTS, mc, open_q
 
 NUM_OPTS = ["12", "15", "18", "21"]
