@@ -9,7 +9,9 @@ what the screen looks for in one linear pass over a short string:
   brace/paren group of those): ``10^{10^{10}}``, ``e^{e^{10}}``, ``{10^{10}}^{10^{10}}``. A power of a
   variable inside an exponent (``e^{-x^2}``) is ordinary and passes;
 - an integer exponent above ``MAX_EXPONENT`` (``10^{1000000}``);
-- a factorial of an integer above ``MAX_FACTORIAL`` or of a bracketed power (``(10^{10})!``).
+- a factorial of an integer above ``MAX_FACTORIAL``, of a bracketed power (``(10^{10})!``), or of a factorial
+  (``9!!``, ``(9!)!``: sympy may read ``9!!`` as ``(9!)!``, a 1.8-million-digit number; found by the
+  benchmark's fuzzed corpus, 2 s).
 
 Screened answers are not equivalent by math-verify; a byte-equal or normalised-equal answer still scores,
 since those checks come first.
@@ -26,6 +28,7 @@ MAX_FACTORIAL = 1000
 
 _BIG_EXPONENT = re.compile(r"\^\s*\{?\s*[-+]?\s*(\d+)")
 _FACTORIAL = re.compile(r"(\d+)\s*!|[)}\]]\s*!")
+_CHAINED_FACTORIAL = re.compile(r"!\s*[)}\]]*\s*!")
 _NUMERIC_GROUP = re.compile(r"[\d\s.+\-*/^{}()]|\\pi|\\cdot|\\times|\\frac|\be\b|e(?=\s*\^)")
 _NUMERIC_ATOM = re.compile(r"(?:\d+(?:\.\d*)?|\\pi|(?<![A-Za-z\\])e)\s*$")
 
@@ -93,10 +96,12 @@ def too_costly_for_math_verify(text: str) -> bool:
     for m in _BIG_EXPONENT.finditer(text):
         if len(m.group(1)) > 6 or int(m.group(1)) > MAX_EXPONENT:
             return True
+    if _CHAINED_FACTORIAL.search(text):
+        return True
     for m in _FACTORIAL.finditer(text):
         if m.group(1) is None:
             group = _group_before(text[: m.start() + 1])
-            if group is not None and "^" in group:
+            if group is not None and ("^" in group or "!" in group):
                 return True
         elif len(m.group(1)) > 6 or int(m.group(1)) > MAX_FACTORIAL:
             return True
