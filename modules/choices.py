@@ -99,7 +99,7 @@ def choice_letters(text: str | None, n_options: int = 0) -> frozenset[str] | Non
     """
     if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS:
         return None
-    plain = _plain(text)
+    plain = " ".join(_plain(text).split())  # one space between tokens: keeps the list regex linear
     if not _LIST.fullmatch(plain):
         return None
     words = re.sub(r"\b(?:and|or)\b", " ", plain, flags=re.IGNORECASE)
