@@ -118,14 +118,14 @@ def fuzz_corpus(n: int, seed: int = 0) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def _child_cpu_s(accuracy: Any) -> float:
-    """CPU seconds used so far by the active math-verify child (Linux /proc; 0.0 where unreadable)."""
+def _child_cpu_s(accuracy: Any) -> tuple[int | None, float]:
+    """(pid, CPU seconds used so far) of the active math-verify child (Linux /proc; (None, 0.0) where unreadable)."""
     proc = getattr(getattr(accuracy, "_verifier", None), "_proc", None)
     try:
         fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc.pid, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (AttributeError, OSError, ValueError, IndexError):
-        return 0.0
+        return None, 0.0
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -143,12 +143,13 @@ def time_rewards(corpus: list[tuple[str, str, dict[str, Any]]], accuracy: Any, f
     slowest: dict[str, float] = Counter()
     worst: list[tuple[float, str, str]] = []
     for kind, response, record in corpus:
-        child0, cpu0, start = _child_cpu_s(accuracy), time.process_time(), time.perf_counter()
+        (pid0, child0), cpu0, start = _child_cpu_s(accuracy), time.process_time(), time.perf_counter()
         accuracy([response], [record])
         fmt([response], [record])
         elapsed = time.perf_counter() - start
-        child1 = _child_cpu_s(accuracy)
-        cpu.append(time.process_time() - cpu0 + max(0.0, child1 - child0))
+        pid1, child1 = _child_cpu_s(accuracy)
+        # a new child (after a deadline miss) hides the old one's CPU time: count the wall time instead
+        cpu.append(time.process_time() - cpu0 + child1 - child0 if pid1 == pid0 else elapsed)
         wall.append(elapsed)
         slowest[kind] = max(slowest[kind], elapsed)
         worst = sorted([*worst, (elapsed, kind, response.rsplit("</think>", 1)[-1][:80])], reverse=True)[:5]
