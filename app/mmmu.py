@@ -1,12 +1,22 @@
 """Score MMMU predictions in the official parse-and-eval layout.
 
-    python -m app.mmmu score DIR [--seed 0] [--mode prefilled|optional|raw] [--judge-url URL --judge-model NAME]
+    python -m app.mmmu score DIR [--seed 0] [--mode auto|prefilled|optional|raw] [--judge-url URL --judge-model NAME]
 
 ``DIR/<Subject>/output.json`` holds a list of ``{id, question_type, answer, all_choices, index2ans,
 response}``. Several entries with one id are samples and are averaged per id. Prints JSON with overall,
 per-discipline and per-subject ``acc`` (official rules, seeded random fallback), ``acc_strict`` (fallback
 and unparsed count wrong), ``unparsed_frac`` and ``num``. The fallback draws from a ``random.Random``
 seeded by (seed, id, sample), so a figure does not depend on file order.
+
+Extraction mode ``auto`` (the default) decides per file, and says on stderr what it decided:
+- a folder written by ``MMMUEvalCallback`` records its mode in ``DIR/scores.json``; auto re-scores with it;
+- otherwise a file where some response contains ``</think>`` is read as R1V3 output (``prefilled``: the
+  answer after ``</think>``, a response that never closes its thinking is unparsed);
+- a file where no response contains ``</think>`` comes from a model that does not think in tags (the
+  official example outputs, llava1.5): scoring it ``prefilled`` would make every response unparsed, so it
+  is scored ``raw`` (whole response, as the official script) and a warning names it.
+An explicit ``--mode prefilled|optional`` on such a file is kept, with a warning. The JSON records the
+requested mode and, under ``settings.modes``, the mode used for each subject.
 
 Judge mode adds ``acc_judge`` and ``judged_frac`` (``modules.mmmu_judge``): with ``--judge-url`` the
 multiple-choice responses the rules cannot parse are sent to that OpenAI-compatible endpoint; without it, a
@@ -28,6 +38,8 @@ from modules.mmmu_judge import OptionJudge, apply_judge, needs_judge, verdict_re
 from modules.mmmu_rules import EXTRACTION_MODES, SUBJECTS, aggregate, score_item
 
 ENTRY_KEYS = ("id", "question_type", "answer", "response")
+SCORE_MODES = ("auto", *EXTRACTION_MODES)
+THINK_CLOSE = "</think>"
 
 
 class ScoreInputError(ValueError):
@@ -77,6 +89,41 @@ def read_predictions(root: str | Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def recorded_mode(root: str | Path) -> str | None:
+    """The extraction mode a folder's ``scores.json`` records (written by MMMUEvalCallback), else None."""
+    path = Path(root) / "scores.json"
+    try:
+        mode = json.loads(path.read_text(encoding="utf-8")).get("settings", {}).get("mode")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return mode if mode in EXTRACTION_MODES else None
+
+
+def resolve_modes(
+    predictions: dict[str, list[dict[str, Any]]], mode: str = "auto", recorded: str | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """The extraction mode for each subject and the notes to print (see the module docstring)."""
+    if mode not in SCORE_MODES:
+        raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
+    no_think = sorted(s for s, entries in predictions.items()
+                      if not any(THINK_CLOSE in e["response"] for e in entries))
+    notes: list[str] = []
+    if mode == "auto" and recorded is not None:
+        notes.append(f"note: scoring with --mode {recorded}, the extraction mode recorded in scores.json")
+        return dict.fromkeys(predictions, recorded), notes
+    if mode == "auto":
+        if no_think:
+            notes.append(f"warning: no response contains {THINK_CLOSE} in {len(no_think)} file(s) ({', '.join(no_think)}):"
+                         " scored with --mode raw (whole response, as the official MMMU script); pass"
+                         " --mode prefilled to count them as unfinished reasoning instead")
+        return {s: "raw" if s in no_think else "prefilled" for s in predictions}, notes
+    if no_think and mode != "raw":
+        notes.append(f"warning: no response contains {THINK_CLOSE} in {len(no_think)} file(s) ({', '.join(no_think)});"
+                     f" under --mode {mode} their responses are unparsed (acc_strict 0). For a model that does not"
+                     " think in tags use --mode raw (or auto)")
+    return dict.fromkeys(predictions, mode), notes
+
+
 def read_judge_record(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """(id, sample) -> recorded verdict from a ``judge.json`` written by the MMMU callback."""
     try:
@@ -88,15 +135,15 @@ def read_judge_record(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
                               f"error}}): {err}") from err
 
 
-def judge_verdicts(predictions: dict[str, list[dict[str, Any]]], mode: str, judge: OptionJudge | None,
+def judge_verdicts(predictions: dict[str, list[dict[str, Any]]], modes: dict[str, str], judge: OptionJudge | None,
                    recorded: dict[tuple[str, int], dict[str, Any]] | None) -> dict[tuple[str, int], dict]:
     """(id, sample) -> verdict record for every multiple-choice entry the rules cannot parse: asked live
     (``judge``) or looked up (``recorded``; an entry missing there stays undecided)."""
     asks = []
-    for entries in predictions.values():
+    for subject, entries in predictions.items():
         for entry in entries:
             text = needs_judge(entry["response"], entry["question_type"], entry.get("all_choices") or [],
-                               entry.get("index2ans") or {}, mode)
+                               entry.get("index2ans") or {}, modes[subject])
             if text is not None:
                 key = (str(entry["id"]), int(entry.get("sample", 0)))
                 asks.append((key, (str(entry.get("question", "")), entry.get("index2ans") or {}, text)))
@@ -108,27 +155,33 @@ def judge_verdicts(predictions: dict[str, list[dict[str, Any]]], mode: str, judg
 
 
 def score_predictions(
-    predictions: dict[str, list[dict[str, Any]]], seed: int = 0, mode: str = "prefilled",
+    predictions: dict[str, list[dict[str, Any]]], seed: int = 0, mode: str = "auto",
     judge: OptionJudge | None = None, recorded: dict[tuple[str, int], dict[str, Any]] | None = None,
+    folder_mode: str | None = None,
 ) -> dict[str, Any]:
     """Score every entry (per-entry rng seeded by seed, id and sample index) and aggregate; with a judge or a
-    recorded judge, also ``acc_judge`` and the judged entries."""
+    recorded judge (``recorded``), also ``acc_judge`` and the judged entries.
+
+    ``folder_mode`` is the extraction mode a callback folder's ``scores.json`` records (``auto`` uses it);
+    ``settings.notes`` holds what ``resolve_modes`` decided, and ``main`` prints it to stderr.
+    """
+    modes, notes = resolve_modes(predictions, mode, folder_mode)
     judging = judge is not None or recorded is not None
-    verdicts = judge_verdicts(predictions, mode, judge, recorded) if judging else {}
+    verdicts = judge_verdicts(predictions, modes, judge, recorded) if judging else {}
     results, judged = [], []
     for subject, entries in predictions.items():
         for entry in entries:
             key = (str(entry["id"]), int(entry.get("sample", 0)))
             rng = random.Random(f"{seed}:{entry['id']}:{entry.get('sample', 0)}")
             scored = score_item(entry["response"], entry["question_type"], entry["answer"],
-                                entry.get("all_choices") or [], entry.get("index2ans") or {}, rng, mode)
+                                entry.get("all_choices") or [], entry.get("index2ans") or {}, rng, modes[subject])
             if judging:
                 scored = apply_judge(scored, entry["answer"], verdicts.get(key))
                 if key in verdicts:
                     judged.append({"id": key[0], "subject": subject, "sample": key[1], **verdicts[key]})
             results.append({"id": entry["id"], "subject": subject, **scored})
     report = aggregate(results)
-    report["settings"] = {"seed": seed, "mode": mode}
+    report["settings"] = {"seed": seed, "mode": mode, "modes": dict(sorted(modes.items())), "notes": notes}
     if judging:
         source = judge.describe() if judge is not None else {"recorded": True}
         report["judge"] = {**source, "asked": len(judged), "decided": sum(j["letter"] is not None for j in judged),
@@ -143,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score <DIR>/<Subject>/output.json files, print JSON")
     score.add_argument("dir", type=Path, help="folder in the official parse-and-eval layout")
     score.add_argument("--seed", type=int, default=0, help="seed of the random MC fallback (default 0)")
-    score.add_argument("--mode", choices=EXTRACTION_MODES, default="prefilled",
-                       help="answer extraction: prefilled <think> (default), optional think tags, or raw "
-                            "(official: whole response)")
+    score.add_argument("--mode", choices=SCORE_MODES, default="auto",
+                       help="answer extraction: auto (default: the mode DIR/scores.json records, else prefilled"
+                            " for files with </think> and raw for files without, said on stderr), prefilled"
+                            " <think>, optional think tags, or raw (official: whole response)")
     score.add_argument("--judge-url", help="judge mode: OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) "
                                            "asked about multiple-choice responses the rules cannot parse")
     score.add_argument("--judge-model", default="judge", help="the judge's served model name (default: judge)")
@@ -165,10 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif (args.dir / "judge.json").is_file() and not args.no_judge_record:
             recorded = read_judge_record(args.dir / "judge.json")
         report = score_predictions(read_predictions(args.dir), seed=args.seed, mode=args.mode, judge=judge,
-                                   recorded=recorded)
+                                   recorded=recorded, folder_mode=recorded_mode(args.dir))
     except (ScoreInputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for note in report["settings"]["notes"]:
+        print(note, file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -197,6 +197,9 @@ class MMMUEvalCallback(Callback):
         if report.unreferenced_images:
             rank_zero_info(f"MMMU: images never referenced in the text were put first for "
                            f"{report.unreferenced_images}")
+        if report.unresolved_markers:
+            rank_zero_info(f"MMMU: image markers with no image column were kept as text (items kept, as the "
+                           f"official scoring does): {report.unresolved_markers}")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_steps is not None:

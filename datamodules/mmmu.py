@@ -4,6 +4,12 @@ Layout read: ``<data_dir>/<Subject>/<split>-*.parquet`` (as on the hub, e.g.
 ``Accounting/validation-00000-of-00001.parquet``) or ``<data_dir>/<Subject>/<split>.parquet``. Rows that
 cannot be used are skipped, counted by reason and listed by id in the ``LoadReport``; nothing is dropped
 silently. ``options`` strings are parsed with ``ast.literal_eval`` only (never ``eval``).
+
+Image markers: ``<image N>`` becomes an ``<image>`` placeholder fed the row's ``image_N``. A marker that
+cannot be an image stays in the prompt as written and is listed in ``LoadReport.unresolved_markers``, and
+the item is kept, as the official scoring keeps every item: a marker beyond MMMU's seven image columns
+(``validation_Math_7``'s options name ``<image 7>`` ... ``<image 30>``), and a marker in an option whose
+image column is empty. A question marker whose image column is empty is a broken row (``missing_image``).
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ class LoadReport:
     items_loaded: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
     unreferenced_images: list[str] = field(default_factory=list)
+    unresolved_markers: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def skipped_counts(self) -> dict[str, int]:
@@ -144,11 +151,18 @@ def decode_image(cell: Any, base_dir: Path) -> Image.Image:
         raise BadRow("bad_image", f"cannot decode image: {err}") from err
 
 
-def render_markers(text: str, seen: list[int]) -> str:
+def render_markers(
+    text: str, seen: list[int], resolvable: Sequence[int] | None = None, unresolved: list[int] | None = None
+) -> str:
     """Replace ``<image N>`` markers: first appearance of N -> ``<image>`` (N appended to ``seen``);
-    a repeated N -> ``[image k]``, k being the position of its placeholder (1-based)."""
+    a repeated N -> ``[image k]``, k being the position of its placeholder (1-based). A marker whose N is not
+    in ``resolvable`` (when given) stays as written and N is appended to ``unresolved``."""
     def swap(match: re.Match[str]) -> str:
         slot = int(match.group(1))
+        if resolvable is not None and slot not in resolvable:
+            if unresolved is not None and slot not in unresolved:
+                unresolved.append(slot)
+            return match.group(0)
         if slot in seen:
             return f"[image {seen.index(slot) + 1}]"
         seen.append(slot)
@@ -156,16 +170,24 @@ def render_markers(text: str, seen: list[int]) -> str:
     return MARKER.sub(swap, text)
 
 
-def build_prompt(question: str, options: Sequence[str], question_type: str) -> tuple[str, list[int]]:
-    """Prompt text and the image slots in placeholder order (question first, then options A, B, ...)."""
+def build_prompt(
+    question: str, options: Sequence[str], question_type: str, present: Sequence[int] | None = None
+) -> tuple[str, list[int], list[int]]:
+    """Prompt text, the image slots in placeholder order (question first, then options A, B, ...) and the
+    unresolved marker numbers (kept as text; see the module docstring). ``present``: the row's non-empty
+    image columns (None: all seven)."""
     seen: list[int] = []
-    parts = [render_markers(question.strip(), seen)]
+    unresolved: list[int] = []
+    columns = range(1, MAX_IMAGES + 1)
+    parts = [render_markers(question.strip(), seen, columns, unresolved)]
     if options:
         letters = get_multi_choice_info(options)[1]
-        lines = [f"{letter}. {render_markers(opt, seen)}" for letter, opt in zip(letters, options, strict=True)]
+        in_options = columns if present is None else present
+        lines = [f"{letter}. {render_markers(opt, seen, in_options, unresolved)}"
+                 for letter, opt in zip(letters, options, strict=True)]
         parts.append("Options:\n" + "\n".join(lines))
     parts.append(MC_INSTRUCTION if question_type == "multiple-choice" else OPEN_INSTRUCTION)
-    return "\n\n".join(parts), seen
+    return "\n\n".join(parts), seen, sorted(unresolved)
 
 
 def _check_answer(answer: str, question_type: str, letters: Sequence[str]) -> None:
@@ -178,9 +200,9 @@ def _check_answer(answer: str, question_type: str, letters: Sequence[str]) -> No
         raise BadRow("bad_answer", f"gold {answer!r} is not one of {list(letters)}")
 
 
-def row_to_item(row: Mapping[str, Any], subject: str, base_dir: Path) -> tuple[MMMUItem, bool]:
-    """One parquet row as an item, plus whether images were present but never referenced (those are put
-    first, with their own placeholders at the start of the prompt). Raises BadRow."""
+def row_to_item(row: Mapping[str, Any], subject: str, base_dir: Path) -> tuple[MMMUItem, bool, list[int]]:
+    """One parquet row as an item, whether images were present but never referenced (those are put first,
+    with their own placeholders at the start of the prompt), and the unresolved markers. Raises BadRow."""
     qtype = QUESTION_TYPE_ALIASES.get(str(row.get("question_type", "")).strip())
     if qtype is None:
         raise BadRow("unknown_question_type", repr(row.get("question_type")))
@@ -189,8 +211,8 @@ def row_to_item(row: Mapping[str, Any], subject: str, base_dir: Path) -> tuple[M
         raise BadRow("bad_options", f"multiple-choice with {len(options)} options")
     question, answer = str(row.get("question") or ""), str(row.get("answer") or "").strip()
     _check_answer(answer, qtype, get_multi_choice_info(options)[1])
-    prompt, slots = build_prompt(question, options, qtype)
     present = [n for n in range(1, MAX_IMAGES + 1) if row.get(f"image_{n}") is not None]
+    prompt, slots, unresolved = build_prompt(question, options, qtype, present)
     missing = [n for n in slots if n not in present]
     if missing:
         raise BadRow("missing_image", f"markers {missing} have no image")
@@ -205,7 +227,7 @@ def row_to_item(row: Mapping[str, Any], subject: str, base_dir: Path) -> tuple[M
         difficulty=row.get("topic_difficulty"), subfield=row.get("subfield"),
         explanation=row.get("explanation"), img_type=_img_types(row.get("img_type")),
     )
-    return item, bool(unreferenced)
+    return item, bool(unreferenced), unresolved
 
 
 def _img_types(text: Any) -> list[str]:
@@ -271,13 +293,15 @@ def load_mmmu(
                 try:
                     if item_id in seen_ids:
                         raise BadRow("duplicate_id", item_id)
-                    item, unreferenced = row_to_item(row, subject, path.parent)
+                    item, unreferenced, unresolved = row_to_item(row, subject, path.parent)
                 except BadRow as bad:
                     report.skipped.setdefault(bad.reason, []).append(item_id)
                     continue
                 seen_ids.add(item_id)
                 if unreferenced:
                     report.unreferenced_images.append(item_id)
+                if unresolved:
+                    report.unresolved_markers[item_id] = unresolved
                 items.append(item)
                 count += 1
     report.items_loaded = len(items)

@@ -7,8 +7,10 @@ Choices made here (recipe.md section 2.2):
 - GRPO divides by the *unbiased* (Bessel-corrected, ``correction=1``) group standard deviation, as verl's
   ``compute_grpo_outcome_advantage`` does with ``torch.std``. For G = 32 the difference from the
   population std is a factor sqrt(32/31) ~ 1.016, i.e. an effective learning-rate change of 1.6%.
-- ``eps`` is added to the std (not to the variance), so a group whose rewards are all equal gets
-  advantage exactly 0 rather than 0/0.
+- ``eps`` is added to the std (not to the variance), as verl does. On its own that does *not* give a
+  group of equal rewards a zero advantage in fp32: the mean of eight 0.2s is one ulp off, the std comes
+  out ~6e-8, and the ratio is ~-0.015 for every response. So every estimator here sets the advantage of
+  an equal-reward group (``zero_std_mask``) to exactly 0; such groups carry no signal and push nothing.
 - Each variant is a small class (selected from YAML by ``class_path``) wrapping a pure function.
 """
 
@@ -50,7 +52,7 @@ def grpo_advantages(rewards: Tensor, eps: float = 1e-6, scale_by_std: bool = Tru
 
     Args:
         rewards: [B, G] scalar reward per rollout.
-        eps: added to the unbiased group std so constant groups give 0, not NaN.
+        eps: added to the unbiased group std (verl's epsilon); equal-reward groups are exactly 0 regardless.
         scale_by_std: divide by the std; ``False`` gives the Dr.GRPO centred reward.
 
     Returns:
@@ -62,7 +64,12 @@ def grpo_advantages(rewards: Tensor, eps: float = 1e-6, scale_by_std: bool = Tru
     if scale_by_std:
         std = r.std(dim=1, keepdim=True, correction=1)  # [B, 1] unbiased, as torch.std in verl
         centred = centred / (std + eps)  # [B, G]
-    return centred
+    return _zero_equal_groups(centred, rewards)
+
+
+def _zero_equal_groups(adv: Tensor, rewards: Tensor) -> Tensor:
+    """``adv`` [B, G] with the rows of equal-reward groups set to exactly 0 (rounding leaves ~1 ulp there)."""
+    return torch.where(zero_std_mask(rewards).unsqueeze(1), torch.zeros_like(adv), adv)  # [B, G]
 
 
 def weight_negatives(advantages: Tensor, weight: float) -> Tensor:
@@ -106,7 +113,7 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     r = rewards.to(_compute_dtype(rewards))  # [B, G]
     g = r.shape[1]
     loo_mean = (r.sum(dim=1, keepdim=True) - r) / (g - 1)  # [B, G] mean of the others
-    return r - loo_mean  # [B, G]
+    return _zero_equal_groups(r - loo_mean, rewards)  # [B, G]
 
 
 def zero_std_mask(rewards: Tensor) -> Tensor:

@@ -2,7 +2,12 @@
 
 Owns: splitting a response into reasoning and answer (``</think>``), finding the last balanced
 ``\\boxed{...}``, reading numbers the way humans write them (``1,000``, ``1\\,000``, ``3e8``,
-``1.2\\times10^{-3}``, ``30°``, ``12 cm``, ``\\frac{1}{2}``) and matching multiple-choice letters.
+``1.2\\times10^{-3}``, ``30°``, ``12 cm``, ``\\frac{1}{2}``) exactly, as decimals. Multiple-choice letters are
+read in ``modules.choices``.
+
+Digits: every Unicode decimal digit (category Nd: Arabic-Indic ``٤٢``, Devanagari ``४२``, fullwidth ``４２``,
+math bold ``𝟒𝟐``) reads as its ASCII digit, in numbers and in text comparison alike. NFKC alone covers only
+the compatibility forms (fullwidth, math bold), so the Nd mapping is applied after it.
 
 Everything here is total and bounded: functions return ``None`` rather than raise, every scan is linear in
 the input, and no ``int()`` is ever applied to a digit run (Python refuses ``int()`` beyond 4,300 digits).
@@ -15,12 +20,17 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from decimal import Context, Decimal, DecimalException
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 # Inputs longer than this are not numbers anyone writes by hand; refusing them keeps parsing O(1)-ish.
 MAX_NUMBER_CHARS = 10_000
+
+# Precision for divisions (fractions, percent readings); parsing itself is exact. The exponent range is far
+# beyond any float: 10^{-400} stays 10^{-400} instead of underflowing to 0.0.
+_DECIMALS = Context(prec=50, Emax=10**15, Emin=-(10**15))
+_NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")  # str patterns: \d is every Unicode decimal digit (Nd)
 
 _BOX_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
 _BOX_OPENER = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -99,6 +109,18 @@ def last_boxed(text: str | None) -> str | None:
     return text[content:end]
 
 
+def after_last_boxed(text: str | None) -> str | None:
+    """The text after the closing brace of the last balanced box, or None when there is no box.
+
+    >>> after_last_boxed("so \\\\boxed{5} cm.")
+    ' cm.'
+    """
+    if not isinstance(text, str) or "\\" not in text:
+        return None
+    _, spans = _box_spans(text)
+    return text[max(spans)[2] + 1 :] if spans else None
+
+
 def count_boxed(text: str | None) -> int:
     """Number of ``\\boxed{`` / ``\\fbox{`` openers in ``text``, balanced or not."""
     if not isinstance(text, str):
@@ -137,6 +159,17 @@ def _unwrap(text: str) -> str:
     return text
 
 
+def ascii_digits(text: str) -> str:
+    """Every Unicode decimal digit (Nd) replaced by its ASCII digit: ``"٤٢"`` -> ``"42"``.
+
+    >>> ascii_digits("x=٣.٥")
+    'x=3.5'
+    """
+    if text.isascii():
+        return text
+    return _NON_ASCII_DIGIT.sub(lambda m: str(unicodedata.decimal(m.group())), text)
+
+
 def normalize_text(text: str | None) -> str:
     """Canonical form for string equality: NFKC, no ``$``/spacing/sizing commands, no whitespace, lowercase.
 
@@ -148,7 +181,7 @@ def normalize_text(text: str | None) -> str:
     """
     if not isinstance(text, str):
         return ""
-    out = unicodedata.normalize("NFKC", text)
+    out = ascii_digits(unicodedata.normalize("NFKC", text))
     out = _unwrap(out)
     out = out.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("$", "")
     out = _SPACING.sub("", out)
@@ -170,6 +203,7 @@ _INTEGER = re.compile(r"([-+]?)(\d+(?:,\d{3})*)")
 _TRAILING_WRAPPED_UNIT = re.compile(r"\\(?:text|mathrm|mbox|textrm)\s*\{[^{}]*\}\s*$")
 _DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _PERCENT = re.compile(r"\\?%")
+_PERCENT_WORD = re.compile(r"\d\s*(?:\\text\s*\{\s*)?percent\b", re.IGNORECASE)
 _TIMES = re.compile(r"\\times|\\cdot|×|·")
 _UNIT_TAIL = re.compile(r"(?<=[\d.}])\s*([A-Za-zµμΩ][A-Za-zµμΩ0-9/^{}*\s.]*)$")
 _UNIT_TOKEN = re.compile(r"[A-Za-zµμΩ]+")
@@ -202,7 +236,7 @@ def _clean_number(text: str) -> str | None:
     """Reduce a numeric answer to the small grammar parse_number reads, or None if it is too long."""
     if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS:
         return None
-    out = unicodedata.normalize("NFKC", text).replace("$", "").replace("{,}", "").replace("−", "-")
+    out = ascii_digits(unicodedata.normalize("NFKC", text)).replace("$", "").replace("{,}", "").replace("−", "-")
     out = _SIZING.sub("", out)
     out = _DEGREE.sub("", out)
     out = _PERCENT.sub("", out).strip()
@@ -216,51 +250,83 @@ def _clean_number(text: str) -> str | None:
     return out
 
 
-def _to_float(num: str) -> float:
-    """float() of a matched _NUM, thousands commas removed (float has no digit limit, unlike int)."""
-    return float(num.replace(",", ""))
+def _dec(num: str) -> Decimal:
+    """Exact Decimal of a matched _NUM, thousands commas removed (no digit limit, unlike int)."""
+    return Decimal(num.replace(",", ""))
 
 
-def _parse_clean(s: str) -> float | None:
+def _scaled(mantissa: str, exponent: str) -> Decimal:
+    """``mantissa * 10**exponent`` exactly; an exponent beyond Decimal's range raises DecimalException."""
+    return Decimal(f"{mantissa.replace(',', '')}e{exponent}")
+
+
+def _ratio(num: str, den: str) -> Decimal | None:
+    """``num / den`` to 50 significant digits; None for a zero denominator."""
+    d = _dec(den)
+    return None if d == 0 else _DECIMALS.divide(_dec(num), d)
+
+
+def _parse_clean(s: str) -> Decimal | None:
     """Evaluate one of the supported grammars on a cleaned string; None if none matches fully."""
     if m := _PLAIN.fullmatch(s):
-        return _to_float(m.group(1))
+        return _dec(m.group(1))
     if m := _E_NOTATION.fullmatch(s):
-        return float(f"{_to_float(m.group(1))}e{m.group(2)}")
+        return _scaled(m.group(1), m.group(2))
     if m := _TIMES_TEN.fullmatch(s):
-        mantissa = _to_float(m.group(1)) if m.group(1) else 1.0
-        return float(f"{mantissa}e{m.group(2) or m.group(3)}")
+        return _scaled(m.group(1) or "1", m.group(2) or m.group(3))
     if m := _SLASH.fullmatch(s):
-        den = _to_float(m.group(2))
-        return _to_float(m.group(1)) / den if den != 0 else None
+        return _ratio(m.group(1), m.group(2))
     if m := _FRAC.fullmatch(s):
-        den = _to_float(m.group(3))
-        if den == 0:
-            return None
-        value = _to_float(m.group(2)) / den
-        return -value if m.group(1) == "-" else value
+        value = _ratio(m.group(2), m.group(3))
+        return -value if value is not None and m.group(1) == "-" else value
     return None
 
 
+def parse_decimal(text: str | None) -> Decimal | None:
+    """Read a human-written number exactly, as a Decimal; None when it is not one (never raises).
+
+    The grammar is ``parse_number``'s; unlike a float, ``2\\times10^{-400}`` stays distinct from
+    ``10^{-400}`` and from 0, and ``1e400`` is finite.
+
+    >>> parse_decimal("2\\\\times10^{-400}")
+    Decimal('2E-400')
+    """
+    try:
+        cleaned = _clean_number(text) if isinstance(text, str) else None
+        value = _parse_clean(cleaned) if cleaned else None
+    except (ValueError, ArithmeticError, DecimalException):
+        return None
+    return value if value is not None and value.is_finite() else None
+
+
 def parse_number(text: str | None) -> float | None:
-    """Read a human-written number; None when it is not one (never raises).
+    """Read a human-written number as a float; None when it is not one or a float cannot hold it.
 
     Handles thousands commas (``1,000``), thin spaces (``1\\,000``), scientific notation (``3e8``,
     ``1.2\\times10^{-3}``), percentages (``50%`` -> 50.0, the sign is dropped), degrees (``30°``,
     ``30^\\circ``), trailing units (``12 cm``, ``5\\text{ apples}``) and fractions (``\\frac{1}{2}``, ``3/4``).
-    Non-finite results (``1e999``, a 5000-digit integer) are None.
+    Values out of float range are None, never 0.0 or inf (``2\\times10^{-400}``, ``1e999``, a 5000-digit
+    integer); compare such values with ``parse_decimal``.
 
     >>> parse_number("1.2\\\\times10^{-3}")
     0.0012
     >>> parse_number("3x") is None
     True
     """
-    try:
-        cleaned = _clean_number(text) if isinstance(text, str) else None
-        value = _parse_clean(cleaned) if cleaned else None
-    except (ValueError, OverflowError, ZeroDivisionError):
+    value = parse_decimal(text)
+    if value is None:
         return None
-    return value if value is not None and math.isfinite(value) else None
+    as_float = float(value)
+    if not math.isfinite(as_float) or (as_float == 0.0 and value != 0):
+        return None
+    return as_float
+
+
+def has_percent(text: str | None) -> bool:
+    """True when a number is written as a percentage (``25%``, ``25\\%``, ``25 percent``)."""
+    return isinstance(text, str) and (
+        _PERCENT.search(text) is not None or _PERCENT_WORD.search(text) is not None
+    )
 
 
 def canonical_integer(text: str | None) -> str | None:
@@ -275,54 +341,3 @@ def canonical_integer(text: str | None) -> str | None:
     digits = m.group(2).replace(",", "").lstrip("0") or "0"
     sign = "-" if m.group(1) == "-" and digits != "0" else ""
     return sign + digits
-
-
-# ---------------------------------------------------------------------------------------------- choices
-
-_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Z]))(?:$|[.:)\s])")
-_MARKUP = re.compile(r"[*_`$]")
-_LEAD = re.compile(r"^(?:the\s+)?(?:answer|option|choice)\s*(?:is\s*)?:?\s*", re.IGNORECASE)
-
-
-def _letter_of(candidate: str, n_options: int) -> str | None:
-    """The letter a candidate names (``B``, ``(B)``, ``B.``, ``B)``, ``B: text``, ``**B**``)."""
-    text = _MARKUP.sub("", _unwrap(unicodedata.normalize("NFKC", candidate))).strip()
-    text = _LEAD.sub("", text).strip()
-    if len(text) == 1 and text.isascii() and text.isalpha():
-        letter = text.upper()
-    elif m := _LETTER.match(text):
-        letter = (m.group(1) or m.group(2)).upper()
-    else:
-        return None
-    index = ord(letter) - ord("A")
-    return letter if n_options == 0 or index < n_options else None
-
-
-def match_choice(candidate: str | None, options: Sequence[str] | None) -> str | None:
-    """Letter ("A".."Z") chosen by ``candidate`` among ``options``, or None.
-
-    Accepts an option's text (normalised, exactly), then the letter forms ``B``, ``(B)``, ``B.``, ``B)``,
-    ``B: text``, ``**B**``, ``\\text{(B) ...}``, then a number equal to exactly one numeric option. With no
-    options any letter is accepted.
-
-    >>> match_choice("\\\\text{(B) Paris}", ["London", "Paris"])
-    'B'
-    >>> match_choice("paris", ["London", "Paris"])
-    'B'
-    """
-    if not isinstance(candidate, str) or len(candidate) > MAX_NUMBER_CHARS:
-        return None
-    opts = [o if isinstance(o, str) else str(o) for o in (options or [])][:26]
-    # Option text first: "A dog" among ["The cat", "A dog"] is option B, not the letter A.
-    norm = normalize_text(candidate)
-    hits = [i for i, o in enumerate(opts) if norm and normalize_text(o) == norm]
-    if len(hits) == 1:
-        return chr(ord("A") + hits[0])
-    letter = _letter_of(candidate, len(opts))
-    if letter is not None:
-        return letter
-    value = parse_number(candidate)
-    if value is None:
-        return None
-    hits = [i for i, o in enumerate(opts) if (v := parse_number(o)) is not None and math.isclose(v, value)]
-    return chr(ord("A") + hits[0]) if len(hits) == 1 else None

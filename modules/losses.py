@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "K3_CAP",
     "LOG_RATIO_CLAMP",
     "KLPenalty",
     "LossAggregation",
@@ -43,6 +44,10 @@ __all__ = [
 LOG_RATIO_CLAMP = 20.0
 """Bound on |logp - old_logp| before exponentiating: exp(20) ~ 4.9e8 is finite in bf16/fp32, and a
 ratio that large is clipped anyway, so the clamp only prevents inf/NaN."""
+
+K3_CAP = 10.0
+"""Upper bound on the per-token k3 value, verl's ``low_var_kl`` convention: past it (ref - logp > ~2.61 nats)
+the token's KL gradient is 0 instead of growing as e^(ref - logp) (up to ~5e8 at the log-ratio clamp)."""
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
@@ -146,12 +151,16 @@ def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Schulman's k3: ``exp(ref - logp) - (ref - logp) - 1`` (unbiased, >= 0). [N, T].
+    """Schulman's k3: ``exp(ref - logp) - (ref - logp) - 1`` (>= 0), capped at ``K3_CAP``. [N, T].
 
-    The log-ratio is clamped to +-``LOG_RATIO_CLAMP`` so the exponential stays finite.
+    The log-ratio is clamped to +-``LOG_RATIO_CLAMP`` so the exponential stays finite, and the value is
+    capped at ``K3_CAP`` = 10 as verl's ``low_var_kl`` does, so a token far below the reference
+    (ref - logp > 2.61) contributes a constant and no gradient; the per-token gradient is thus bounded
+    by e^2.61 - 1 = 12.6. The cap makes k3 biased low only where the policy is already far from the
+    reference on that token.
     """
     d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [N, T]
-    return torch.exp(d) - d - 1.0
+    return (torch.exp(d) - d - 1.0).clamp(max=K3_CAP)
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}

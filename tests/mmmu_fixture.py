@@ -159,3 +159,33 @@ def write_mmmu_fixture(
         write_rows(Path(root) / subject / "dev-00000-of-00001.parquet", [_materialise(dev)])
         summary.dev_ids.append(dev["id"])
     return summary
+
+
+OFFICIAL_VAL_ITEMS, OFFICIAL_VAL_MC, OFFICIAL_VAL_OPEN = 900, 847, 53
+# validation_Math_7 on the hub: its options name images beyond MMMU's seven image columns
+MATH_7_OPTIONS = [", ".join(f"<image {n}>" for n in range(7 + 6 * k, 13 + 6 * k)) for k in range(4)]
+
+
+def write_official_counts_fixture(root: str | Path) -> FixtureSummary:
+    """MMMU-val's shape: 30 subjects x 30 items, 847 multiple-choice and 53 open (two open items in each of the
+    first 23 subjects, one in the other 7), one image each, and ``validation_Math_7`` as on the hub: options
+    ``<image 7>`` ... ``<image 30>`` with only ``image_1`` present."""
+    summary = FixtureSummary()
+    for idx, subject in enumerate(SUBJECTS):
+        n_open = 2 if idx < 23 else 1
+        rows = []
+        for n in range(1, 31):
+            row = {**_base_row(f"validation_{subject}_{n}", idx + n), "slots": [1]}
+            if n <= n_open:
+                row.update(question="<image 1> What value is shown?", options="[]", answer="12",
+                           question_type="open")
+            elif subject == "Math" and n == 7:
+                row.update(question="Match the figures in sequence with <image 1>", options=repr(MATH_7_OPTIONS),
+                           answer="C", question_type="multiple-choice")
+            else:
+                row.update(question="<image 1> Which one?", options="['a', 'b', 'c', 'd']", answer="B",
+                           question_type="multiple-choice")
+            summary.items[row["id"]] = {"subject": subject, "question_type": row["question_type"]}
+            rows.append(_materialise(row))
+        write_rows(Path(root) / subject / "validation-00000-of-00001.parquet", rows)
+    return summary

@@ -21,11 +21,11 @@ from modules.answer import (
     count_boxed,
     extract_answer,
     last_boxed,
-    match_choice,
     normalize_text,
     parse_number,
     split_thinking,
 )
+from modules.choices import match_choice
 from modules.rewards import AccuracyReward, FormatReward
 
 CALL_LIMIT_S = 1.0

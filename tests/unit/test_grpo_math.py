@@ -458,3 +458,37 @@ def test_negative_weight_scales_only_below_average_responses() -> None:
     assert torch.equal(weight_negatives(plain, 0.0), plain.clamp(min=0))
     with pytest.raises(ValueError, match="negative_weight"):
         GRPOAdvantage(negative_weight=1.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 22: exact zeros for equal-reward groups, capped k3
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("g", [8, 32])
+@pytest.mark.parametrize("value", [0.0, 0.2, 0.8, 1.0])
+def test_equal_reward_groups_get_exactly_zero_advantage_in_fp32(g: int, value: float) -> None:
+    # the paper's reward values (0.2 = formatted but wrong, 0.8 = right but unformatted) at its G;
+    # fp32 mean of eight 0.2s is one ulp off, which (r - mean) / (std + eps) used to blow up to -0.0147
+    rewards = torch.full((2, g), value, dtype=torch.float32)
+    rewards[1] = torch.linspace(0, 1, g)  # a varied group beside it keeps its signal
+    for est in (GRPOAdvantage(), DrGRPOAdvantage(), RLOOAdvantage(), GRPOAdvantage(negative_weight=0.5)):
+        adv = est(rewards)
+        assert torch.equal(adv[0], torch.zeros(g)), (type(est).__name__, adv[0])
+        assert adv[1].abs().max() > 0.1
+    assert zero_std_mask(rewards).tolist() == [True, False]
+
+
+def test_k3_is_capped_like_verl_low_var_kl() -> None:
+    # verl's low_var_kl clamps the k3 value to [-10, 10]; beyond the cap the per-token gradient is 0.
+    # d = ref - logp = 3: k3 = e^3 - 3 - 1 = 16.0855 > 10 -> 10, gradient 0
+    # d = 2: k3 = e^2 - 2 - 1 = 4.389056 (under the cap), d k3 / d logp = -(e^2 - 1) = -6.389056
+    ref = torch.tensor([[3.0, 2.0, 25.0]])
+    logp = torch.zeros(1, 3, requires_grad=True)
+    k3 = kl_k3(logp, ref)
+    assert k3.tolist()[0] == pytest.approx([10.0, 4.389056, 10.0], abs=1e-5)
+    k3.sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, -6.389056, 0.0], abs=1e-5)
+    # the penalty's per-token gradient stays bounded for any log-ratio: the cap is reached at d* with
+    # e^d* - d* - 1 = 10, d* = 2.6093, so |grad| <= e^d* - 1 = 12.609 (uncapped it reached e^20 ~ 5e8)
+    logp2 = torch.linspace(-30, 30, 6001)[None].requires_grad_(True)
+    KLPenalty(coef=0.2, estimator="k3").penalty(logp2, torch.zeros_like(logp2)).sum().backward()
+    assert logp2.grad.abs().max().item() <= 0.2 * 12.61

@@ -212,3 +212,83 @@ def test_cli_errors_name_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert mmmu_main(["score", str(tmp_path / "preds")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "entry 0" in err and "response" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 22 item 10: outputs of models that never write </think> (the official example outputs' layout)
+
+
+def _official_layout(root: Path, responses: dict[str, list[str]]) -> Path:
+    """<root>/<Subject>/output.json with MC entries as the official llava1.5 example outputs: no think tags."""
+    for subject, texts in responses.items():
+        entries = [{"id": f"validation_{subject}_{i + 1}", "question_type": "multiple-choice", "answer": "B",
+                    "all_choices": ["A", "B", "C", "D"],
+                    "index2ans": {"A": "red", "B": "green", "C": "blue", "D": "black"}, "response": text}
+                   for i, text in enumerate(texts)]
+        (root / subject).mkdir(parents=True, exist_ok=True)
+        (root / subject / "output.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_no_think_outputs_are_scored_raw_and_said_loudly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _official_layout(tmp_path / "preds", {"Art": ["B", "(B) green", "A"],
+                                                  "Math": ["x</think>\\boxed{B}", "still thinking (B)"]})
+    assert mmmu_main(["score", str(root)]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    # Art has no </think> anywhere: scored raw, as the official script (2 of 3 right, none unparsed)
+    assert out["subjects"]["Art"]["acc_strict"] == pytest.approx(2 / 3)
+    assert out["subjects"]["Art"]["unparsed_frac"] == 0.0
+    # Math has a </think>: the R1V3 reading, the cut-off response is unparsed
+    assert out["subjects"]["Math"]["acc_strict"] == pytest.approx(1 / 2)
+    assert out["settings"]["mode"] == "auto"
+    assert out["settings"]["modes"] == {"Art": "raw", "Math": "prefilled"}
+    assert "</think>" in captured.err and "Art" in captured.err and "raw" in captured.err
+    assert "Math" not in captured.err
+
+
+def test_explicit_prefilled_on_no_think_outputs_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _official_layout(tmp_path / "preds", {"Art": ["B", "(B) green", "A"]})
+    assert mmmu_main(["score", str(root), "--mode", "prefilled"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["overall"]["unparsed_frac"] == 1.0 and out["settings"]["modes"] == {"Art": "prefilled"}
+    assert "warning" in captured.err.lower() and "Art" in captured.err and "--mode raw" in captured.err
+
+
+def test_auto_mode_follows_the_mode_a_folder_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder written by MMMUEvalCallback records its extraction mode in scores.json: auto re-scores with it."""
+    root = _official_layout(tmp_path / "preds", {"Art": ["B", "(B) green", "A"]})
+    (root / "scores.json").write_text(json.dumps({"settings": {"mode": "prefilled", "seed": 0}}))
+    assert mmmu_main(["score", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["settings"]["modes"] == {"Art": "prefilled"}
+    assert "scores.json" in captured.err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 22 item 11: every item of MMMU-val is kept, unresolvable image markers stay as text
+
+
+def test_official_counts_keep_every_item(tmp_path: Path) -> None:
+    from tests.mmmu_fixture import (
+        MATH_7_OPTIONS,
+        OFFICIAL_VAL_ITEMS,
+        OFFICIAL_VAL_MC,
+        OFFICIAL_VAL_OPEN,
+        write_official_counts_fixture,
+    )
+
+    summary = write_official_counts_fixture(tmp_path)
+    items, report = load_mmmu(tmp_path)
+    assert not report.skipped, report.skipped
+    assert len(items) == report.items_loaded == OFFICIAL_VAL_ITEMS
+    kinds = [i.question_type for i in items]
+    assert kinds.count("multiple-choice") == OFFICIAL_VAL_MC and kinds.count("open") == OFFICIAL_VAL_OPEN
+    per_subject = {s: sum(1 for i in items if i.subject == s) for s in SUBJECTS}
+    assert per_subject == {s: sum(1 for v in summary.items.values() if v["subject"] == s) for s in SUBJECTS}
+    math_7 = next(i for i in items if i.id == "validation_Math_7")
+    assert math_7.options == MATH_7_OPTIONS and math_7.image_slots == [1] and len(math_7.images) == 1
+    assert "A. <image 7>, <image 8>" in math_7.prompt_text and math_7.prompt_text.count("<image>") == 1
+    assert report.unresolved_markers == {"validation_Math_7": list(range(7, 31))}
+    assert report.to_dict()["unresolved_markers"]["validation_Math_7"][-1] == 30

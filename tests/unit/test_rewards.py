@@ -227,7 +227,10 @@ def test_timeout_from_a_non_main_thread() -> None:
     def work() -> None:
         results["warm"] = reward([says("\\boxed{2\\sqrt{2}}")], [open_q("\\sqrt{8}")])
         start = time.perf_counter()
-        results["slow"] = reward([says(f"\\boxed{{{SLOW_FOR_SYMPY}}}")], [open_q("1")])
+        # the reward screens towers before math-verify (test_reward_holes); the worker's deadline is
+        # what is under test here, so the tower goes to the worker itself
+        assert reward._verifier is not None
+        results["slow"] = [float(reward._verifier.equivalent("1", SLOW_FOR_SYMPY))]
         results["slow_s"] = time.perf_counter() - start
         results["after"] = reward([says("\\boxed{(x+1)^2}")], [open_q("x^2+2x+1")])
 

@@ -136,3 +136,20 @@ def test_lightning_refuses_fsdp_on_cpu():
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
         Trainer(accelerator="cpu", devices=2, strategy=FSDPStrategy(), logger=False)
 
+
+
+def test_grpo_follows_eq7_and_selects_by_critical_entropy(assets):
+    """Issue 22 items 12-13: the paper's loss aggregation (eq. 7) and its checkpoint selection."""
+    from callbacks.checkpoint_selection import CheckpointSelectionCallback
+    from callbacks.critical_entropy import CriticalEntropyCallback
+    from modules.losses import SeqMeanTokenMean
+
+    cli = instantiate(ROOT / "configs" / "r1v3" / "grpo.yaml", assets)
+    assert type(cli.model.aggregation) is SeqMeanTokenMean
+    by_type = {type(c): c for c in cli.trainer.callbacks}
+    probe, select = by_type.get(CriticalEntropyCallback), by_type.get(CheckpointSelectionCallback)
+    assert probe is not None and select is not None
+    assert probe.temperature == 1.0 and probe.on_validation  # probed at every validation, as selection needs
+    assert select.entropy_key == "entropy/critical" and select.accuracy_key == "val/accuracy"
+    # selection runs where validation does: every candidate needs both figures from the same step
+    assert cli.config.trainer.val_check_interval % probe.every_n_steps == 0
