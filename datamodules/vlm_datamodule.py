@@ -192,12 +192,23 @@ class VLMDataModule(LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch_server": self.batch_server.state_dict()} if self.batch_server is not None else {}
+        if self.batch_server is None:
+            return {}
+        state = {"batch_server": self.batch_server.state_dict()}
+        if self.trainer is not None and self.trainer.world_size > 1:  # rank 0 writes the file: every rank's order
+            from modules.sharding import all_ranks_state
+
+            state["batch_server_ranks"] = all_ranks_state(state["batch_server"])
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "batch_server" not in state:
             return
+        from modules.sharding import rank_state
+
+        world = self.trainer.world_size if self.trainer is not None else 1
+        own = rank_state(state, "batch_server", self._rank(), world)
         if self.batch_server is None:
-            self._pending_state = state["batch_server"]
+            self._pending_state = own
         else:
-            self.batch_server.load_state_dict(state["batch_server"])
+            self.batch_server.load_state_dict(own)

@@ -69,11 +69,15 @@ def total_training_steps(trainer: Any) -> int:
     return int(est) if math.isfinite(est) else 1000
 
 
-def export_hf(model: nn.Module, processor: Any, out_dir: str | Path) -> Path:
-    """Write a plain Hugging Face folder (safetensors, processor, chat template, generation config)."""
+def export_hf(model: nn.Module, processor: Any, out_dir: str | Path,
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a plain Hugging Face folder (safetensors, processor, chat template, generation config).
+
+    `state_dict`: full weights to write instead of the model's own (a sharded model's, gathered).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(out)
     return out
 

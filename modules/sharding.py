@@ -21,7 +21,9 @@ for compute are options here.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -168,6 +170,29 @@ class FSDP2Strategy(ModelParallelStrategy):
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend)
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """A sharded checkpoint is written to `<path>.partial` and renamed into place by rank 0 once every rank
+        has written, so a kill during the save (or a preemption) never leaves a half-written `last.ckpt`."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+        if self.is_global_zero:
+            for stale in (tmp, old):
+                if stale.exists():
+                    shutil.rmtree(stale)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()
+        if self.is_global_zero:
+            if path.is_dir():
+                path.rename(old)
+            elif path.exists():
+                path.unlink()
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
@@ -193,3 +218,44 @@ def rank_state(checkpoint: dict, key: str, rank: int, world_size: int) -> Any:
     if isinstance(ranks, list) and len(ranks) == world_size:
         return ranks[rank]
     return checkpoint.get(key)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as one dict with full tensors, in this process (no process group needed).
+
+    A file is read with `torch.load(weights_only=True)`; a sharded checkpoint (a folder of per-rank shards plus
+    Lightning's `meta.pt`, as ModelParallelStrategy writes) is assembled in CPU memory by Lightning's own reader.
+    """
+    p = Path(path)
+    if p.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        if not (p / ".metadata").is_file():
+            raise FileNotFoundError(f"{p} is a folder but not a sharded checkpoint (no .metadata file)")
+        return _load_distributed_checkpoint(p)
+    return torch.load(p, map_location="cpu", weights_only=True)  # a checkpoint is data, never code
+
+
+def load_module_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's `state_dict` into `module` (a LightningModule), sharded or not.
+
+    Sharded module: collective (every rank calls it); each rank reads its own shards from a sharded checkpoint
+    (or its slice of a full one).
+    """
+    if is_sharded(getattr(module, "policy", module)):
+        from lightning.fabric.strategies.model_parallel import _load_checkpoint
+
+        _load_checkpoint(Path(path), {"state_dict": module}, strict=True, weights_only=True)
+        return
+    module.load_state_dict(read_checkpoint(path)["state_dict"])
+
+
+def export_policy(policy: nn.Module, processor: Any, out_dir: str | Path, is_global_zero: bool = True) -> Path | None:
+    """Write the policy as a stock Hugging Face folder; a sharded policy's full weights are gathered once, to
+    rank 0, which writes. Collective when sharded (every rank calls it); returns the folder on the writing rank."""
+    from modules.common import export_hf
+
+    state = full_state_dict(policy) if is_sharded(policy) else None
+    if not is_global_zero:
+        return None
+    return export_hf(policy, processor, out_dir, state_dict=state)
