@@ -22,7 +22,7 @@ for compute are options here.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +132,8 @@ def all_ranks_true(model: nn.Module, flag: bool) -> bool:
     return int(t) == 0
 
 
-def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every parameter, gathering `DTensor` shards one tensor at a time.
+def full_parameters(model: nn.Module, names: Container[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter (or those in `names`), gathering `DTensor` shards one at a time.
 
     Every rank must iterate it to the end (each gather is a collective); every rank gets the full tensors.
     Names are `named_parameters()` names (FSDP2 adds no wrapper segment).
@@ -141,6 +141,8 @@ def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     from torch.distributed.tensor import DTensor
 
     for name, p in model.named_parameters():
+        if names is not None and name not in names:
+            continue
         t = p.detach()
         yield name, (t.full_tensor() if isinstance(t, DTensor) else t)
 

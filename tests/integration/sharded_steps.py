@@ -6,7 +6,8 @@ Step s serves the global prompts [s*P, (s+1)*P) of DATA's training rows; with N 
 contiguous slice of them, so one process and N processes train on the same prompts. Each prompt's G responses
 are sampled on their own, from a generator seeded by the prompt id and the step, so they do not depend on which
 rank (or batch) the prompt lands in. OUT (written by rank 0) holds the logged (global) metrics of every step and
-the full weights after the last one, gathered from the shards.
+the full weights after the last one, gathered from the shards; every rank writes OUT.pushed.rank<R>, the
+(name, full tensor) pairs the vLLM engine would push.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from modules.losses import KLPenalty
 from modules.rewards import AccuracyReward, FormatReward
 from modules.rollout import HFRolloutEngine
 from modules.sharding import FSDP2Strategy, full_state_dict
+from modules.vllm_engine import push_stream
 from tests.integration.fault_helpers import OddLengthReward
 
 METRICS = ("train/loss", "train/grad_norm", "train/reward", "train/entropy", "train/response_length",
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                       limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
     trainer.fit(module, datamodule=FixedPrompts(a.model, a.data, a.steps, a.prompts))
     weights = full_state_dict(module.policy)
+    pushed = {n: t.clone() for n, t in push_stream(module.policy)}  # what vLLM would get, on every rank
+    torch.save(pushed, f"{a.out}.pushed.rank{trainer.global_rank}")
     if trainer.is_global_zero:
         sharded = [n for n, p in module.policy.named_parameters() if type(p).__name__ == "DTensor"]
         torch.save({"steps": record.steps, "weights": weights, "world_size": trainer.world_size,

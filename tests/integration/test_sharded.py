@@ -47,7 +47,10 @@ def runs(assets, tmp_path_factory):
     logs = {n: p.communicate(timeout=600)[0] for n, p in procs.items()}
     for n, p in procs.items():
         assert p.returncode == 0, f"{n} process(es) failed:\n{logs[n][-4000:]}"
-    return {n: torch.load(out / f"{n}.pt", weights_only=True) for n in procs}
+    figures = {n: torch.load(out / f"{n}.pt", weights_only=True) for n in procs}
+    for n in procs:
+        figures[n]["pushed"] = [torch.load(out / f"{n}.pt.pushed.rank{r}", weights_only=True) for r in range(n)]
+    return figures
 
 
 def test_two_processes_are_sharded(runs):
@@ -83,3 +86,20 @@ def test_updated_weights_equal_one_process(runs, assets):
     # near-zero gradient shows in a handful of weights: bounded at 1% of the update, and in under 0.1% of them
     assert worst < 0.01 * moved, (worst, moved)
     assert off < 1e-3, off
+
+
+def test_vllm_push_gathers_full_tensors_from_shards(runs, assets):
+    """The (name, tensor) stream VLLMRolloutEngine pushes: checkpoint names, full shapes, the same on both ranks,
+    and the gathered weights (the one-process run's push within the same tolerance as the weights)."""
+    from safetensors import safe_open
+
+    with safe_open(str(assets[0] / "model.safetensors"), "pt") as f:  # the names vLLM loads the checkpoint from
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    rank0, rank1 = runs[2]["pushed"]
+    assert rank0.keys() == rank1.keys() == shapes.keys() == runs[1]["pushed"][0].keys()
+    for name, t in rank0.items():
+        assert type(t) is torch.Tensor and tuple(t.shape) == shapes[name], name  # full, not a shard
+        assert torch.equal(t, rank1[name]), name
+    one = runs[1]["pushed"][0]
+    worst = max(float((one[k] - rank0[k]).abs().max()) for k in one)
+    assert worst < 2e-5, worst
