@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo bench bench-recipe bench-curriculum bench-entropy lint clean
+.PHONY: install test test-fast demo bench bench-recipe bench-curriculum bench-entropy bench-sharding lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-curriculum: $(STAMP)
 
 bench-entropy: $(STAMP)
 	$(BIN)/python -m bench.entropy
+
+bench-sharding: $(STAMP)
+	$(BIN)/python -m bench.sharding_memory
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check app modules datamodules callbacks tests bench
