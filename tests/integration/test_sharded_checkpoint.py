@@ -1,6 +1,6 @@
 """Sharded (FSDP2, 2 gloo processes) checkpoints with real `python -m app fit` runs (configs/scale/fsdp2.yaml).
 
-* The uninterrupted run writes sharded checkpoint folders; `ExportCallback`, `CheckpointSelectionCallback` and
+* The uninterrupted run (activation checkpointing on, as in the overlay) writes sharded checkpoint folders; `ExportCallback`, `CheckpointSelectionCallback` and
   `python -m app.export` turn them into stock Hugging Face folders, which a fresh process loads with stock
   transformers, with the weights of the checkpoint they came from.
 * SIGKILL after a random step, then `--ckpt_path last`: from the checkpoint on, both ranks serve the same prompts,
@@ -68,7 +68,6 @@ def _overlay(run: Path, model: Path, data: Path) -> Path:
     model:
       init_args:
         model_path: {model}
-        gradient_checkpointing: false
         group_size: 2
         rollout:
           class_path: modules.rollout.HFRolloutEngine
