@@ -1,8 +1,8 @@
 """Sharded (FSDP2, 2 gloo processes) checkpoints with real `python -m app fit` runs (configs/scale/fsdp2.yaml).
 
-* The uninterrupted run (activation checkpointing on, as in the overlay) writes sharded checkpoint folders; `ExportCallback`, `CheckpointSelectionCallback` and
-  `python -m app.export` turn them into stock Hugging Face folders, which a fresh process loads with stock
-  transformers, with the weights of the checkpoint they came from.
+* The uninterrupted run (activation checkpointing on, as in the overlay) writes sharded checkpoint folders;
+  `ExportCallback`, `CheckpointSelectionCallback` and `python -m app.export` turn them into stock Hugging Face
+  folders, which a fresh process loads with stock transformers, with the weights of the checkpoint they came from.
 * SIGKILL after a random step, then `--ckpt_path last`: from the checkpoint on, both ranks serve the same prompts,
   sample the same responses and get the same rewards and losses (1e-6) as the uninterrupted run.
 """
