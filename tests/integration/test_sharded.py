@@ -103,3 +103,27 @@ def test_vllm_push_gathers_full_tensors_from_shards(runs, assets):
     one = runs[1]["pushed"][0]
     worst = max(float((one[k] - rank0[k]).abs().max()) for k in one)
     assert worst < 2e-5, worst
+
+
+@pytest.mark.slow
+def test_connector_only_sft_sharded_fit_trains_the_connector_only(assets, tmp_path):
+    """Stage 3 under configs/scale/fsdp2.yaml on 2 processes: SFTModule shards with frozen parts inside the units
+    (the inner model's unit holds the frozen embeddings and the trainable connector); the export changes the
+    connector's weights and no other."""
+    from safetensors.torch import load_file
+
+    model, data = assets
+    cmd = [sys.executable, "-m", "app", "fit", "--config", str(ROOT / "configs/tiny/connector.yaml"),
+           "--config", str(ROOT / "configs/scale/fsdp2.yaml"), "--trainer.devices", "2", "--trainer.max_steps", "2",
+           "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+           "--model.init_args.model_path", str(model), "--model.init_args.lr", "1e-3",
+           "--model.init_args.warmup_ratio", "0", "--data.train_files", str(data / "train-*.parquet"),
+           "--data.val_files", str(data / "validation-*.parquet"), "--data.batch_size", "1",
+           "--data.val_batch_size", "1", "--data.val_limit", "4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    before, after = load_file(model / "model.safetensors"), load_file(tmp_path / "export" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("multi_modal_projector.") for k in changed), sorted(changed)
