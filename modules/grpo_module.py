@@ -7,7 +7,9 @@ mini-batch; with one epoch and one mini-batch the ratio is exactly 1 (fully on-p
 
 Manual optimisation: a step is rollout -> score -> advantages -> (old log-probs) -> updates -> metrics.
 Distributed: each rank owns whole groups (prompts are sharded, never rollouts), and the token-mean loss is
-divided by the global token count, so DDP's gradient average equals one process on all the data.
+divided by the global token count, so DDP's gradient average (or FSDP2's averaging reduce-scatter, under
+ModelParallelStrategy: modules/sharding.py) equals one process on all the data; logged metrics are reduced over
+ranks the same way (grpo_steps.global_metrics).
 """
 
 from __future__ import annotations
