@@ -18,7 +18,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIP_ENV ?= env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
 VLLM_PIP := $(VLLM_PIP_ENV) $(VLLM_BIN)/python -m pip
 
-.PHONY: install test test-fast test-vllm vllm-venv demo bench bench-recipe bench-curriculum bench-entropy bench-data bench-verifier bench-rewards lint clean
+.PHONY: install test test-fast test-vllm vllm-venv demo bench bench-recipe bench-curriculum bench-entropy bench-data bench-verifier bench-rewards bench-sharding lint clean
 
 install: $(STAMP)
 
@@ -78,6 +78,9 @@ bench-verifier: $(STAMP)
 
 bench-rewards: $(STAMP)
 	$(BIN)/python -m bench.rewards
+
+bench-sharding: $(STAMP)
+	$(BIN)/python -m bench.sharding_memory
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check app modules datamodules callbacks tests bench

@@ -66,11 +66,18 @@ def check_fsdp2_sizes(trainer: Namespace) -> None:
     if not is_subclass(_class_path(strategy), "lightning.pytorch.strategies.ModelParallelStrategy"):
         return
     init = strategy.get("init_args") or Namespace()
-    dp, tp = init.get("data_parallel_size", "auto"), init.get("tensor_parallel_size", "auto")
+    # modules.sharding.FSDP2Strategy: tensor parallel 1 and data parallel over every rank by default
+    fsdp2 = is_subclass(_class_path(strategy), "modules.sharding.FSDP2Strategy")
+    dp, tp = init.get("data_parallel_size", "auto"), init.get("tensor_parallel_size", 1 if fsdp2 else "auto")
     world = _world_size(trainer)
     nodes = trainer.get("num_nodes") or 1
-    dp_eff = nodes if dp == "auto" else dp  # Lightning's defaults: data parallel over nodes, tensor within
     tp_eff = (world // nodes if world else None) if tp == "auto" else tp
+    if dp != "auto":
+        dp_eff = dp
+    elif fsdp2:
+        dp_eff = world // tp_eff if world and isinstance(tp_eff, int) else None
+    else:
+        dp_eff = nodes  # Lightning's defaults: data parallel over nodes, tensor within
     where = "--trainer.strategy.init_args.data_parallel_size / tensor_parallel_size"
     if world and isinstance(dp_eff, int) and isinstance(tp_eff, int) and dp_eff * tp_eff != world:
         raise UserError(f"ModelParallelStrategy: data_parallel_size {dp_eff} x tensor_parallel_size {tp_eff} "

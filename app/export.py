@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from modules.common import IncompatibleCheckpoint, check_compatible, export_hf, policy_state
 from modules.loading import load_vlm
+from modules.sharding import read_checkpoint
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_path: str | None = None) -> Path:
@@ -20,8 +19,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_path: s
     ckpt_path = Path(checkpoint)
     if not ckpt_path.exists():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
-    # weights_only: a checkpoint file is data and is never allowed to run code
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)  # weights only (never code); a file, or a sharded (FSDP2) run's folder
     base = model_path or ckpt.get("hyper_parameters", {}).get("model_path")
     if not base:
         raise IncompatibleCheckpoint(f"{ckpt_path}: no model_path in its hyper-parameters; pass --model-path")
@@ -34,7 +32,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_path: s
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m app.export", description=__doc__)
-    ap.add_argument("checkpoint", help="a .ckpt written by `python -m app fit`")
+    ap.add_argument("checkpoint", help="a .ckpt written by `python -m app fit` (a file, or a sharded run's folder)")
     ap.add_argument("out_dir", help="the Hugging Face folder to write")
     ap.add_argument("--model-path", default=None, help="base model folder (default: the one the run started from)")
     a = ap.parse_args(argv)

@@ -7,8 +7,9 @@ whatever the ``ModelCheckpoint`` callbacks keep. When fit ends, ``select_checkpo
 ``log_dir`` (else ``default_root_dir``), and the pick is exported as a Hugging Face folder.
 
 Note: exporting loads the picked weights into the LightningModule, so callbacks whose ``on_fit_end`` runs
-after this one (e.g. ``ExportCallback``) see the picked weights, not the final ones. Sharded strategies
-(FSDP, DeepSpeed) are not supported for the export.
+after this one (e.g. ``ExportCallback``) see the picked weights, not the final ones. Under FSDP2
+(``configs/scale/fsdp2.yaml``) candidates are sharded checkpoint folders; the export gathers the picked weights
+once, to rank 0. DeepSpeed is not supported for the export.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.selection import CheckpointCandidate, select_checkpoint, write_selection_json
-from modules.common import export_hf
+from modules.sharding import export_policy, load_module_weights
 
 __all__ = ["CheckpointSelectionCallback"]
 
@@ -117,21 +117,23 @@ class CheckpointSelectionCallback(Callback):
         rank_zero_info(f"checkpoint selection -> {out} ({summary})")
         if self.picked is None:
             rank_zero_warn("CheckpointSelectionCallback: no candidate qualified; nothing exported")
-        elif self.export_enabled and trainer.is_global_zero:
-            self.export(pl_module, self.picked, Path(self.export_dir or Path(trainer.default_root_dir) / "selected"))
+        elif self.export_enabled:  # every rank: a sharded policy loads and gathers collectively; rank 0 writes
+            self.export(pl_module, self.picked, Path(self.export_dir or Path(trainer.default_root_dir) / "selected"),
+                        trainer.is_global_zero)
         if not self.keep_unpicked and trainer.is_global_zero:
             for c in self.candidates:
                 if c is not self.picked:
                     Path(c.path).unlink(missing_ok=True)
         trainer.strategy.barrier("checkpoint_selection")
 
-    def export(self, pl_module: LightningModule, picked: CheckpointCandidate, out_dir: Path) -> Path:
-        """Load the picked weights into ``pl_module`` and write its policy as a Hugging Face folder."""
-        # weights_only: a checkpoint is data, never code (this app's checkpoints hold only tensors and plain types)
-        ckpt = torch.load(picked.path, map_location="cpu", weights_only=True)
-        pl_module.load_state_dict(ckpt["state_dict"])
-        out = export_hf(pl_module.policy, pl_module.processor, out_dir)
-        rank_zero_info(f"exported picked checkpoint (step {picked.step}) to {out}")
+    def export(self, pl_module: LightningModule, picked: CheckpointCandidate, out_dir: Path,
+               is_global_zero: bool = True) -> Path | None:
+        """Load the picked weights into ``pl_module`` and write its policy as a Hugging Face folder (a sharded
+        run's checkpoint is a folder of shards: each rank loads its own, rank 0 writes the gathered weights)."""
+        load_module_weights(pl_module, picked.path)  # weights_only: a checkpoint is data, never code
+        out = export_policy(pl_module.policy, pl_module.processor, out_dir, is_global_zero)
+        if out is not None:
+            rank_zero_info(f"exported picked checkpoint (step {picked.step}) to {out}")
         return out
 
     # -- resume ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from modules.common import export_hf
+from modules.sharding import export_policy
 
 
 class ExportCallback(Callback):
@@ -22,8 +22,8 @@ class ExportCallback(Callback):
         self.out_dir = out_dir
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "export")
-            out = export_hf(pl_module.policy, pl_module.processor, out_dir)
+        out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "export")
+        out = export_policy(pl_module.policy, pl_module.processor, out_dir, trainer.is_global_zero)  # sharded: all
+        if out is not None:                                                                 # ranks gather to rank 0
             rank_zero_info(f"exported {type(pl_module).__name__} policy to {out}")
         trainer.strategy.barrier()

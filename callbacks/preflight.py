@@ -27,12 +27,17 @@ class MemoryPreflightError(RuntimeError):
 
 
 def strategy_name(trainer: Trainer) -> str:
-    """'fsdp' | 'deepspeed_stage_3' | 'ddp' (ZeRO-1/2 are counted as unsharded weights: conservative)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    """'fsdp' | 'fsdp2' | 'deepspeed_stage_3' | 'ddp' (ZeRO-1/2 are counted as unsharded weights: conservative).
+
+    'fsdp2' is Lightning's ModelParallelStrategy, under which the modules shard with FSDP2 (modules/sharding.py).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
     s = trainer.strategy
     if isinstance(s, FSDPStrategy):
         return "fsdp"
+    if isinstance(s, ModelParallelStrategy):
+        return "fsdp2"
     if isinstance(s, DeepSpeedStrategy) and (s.config or {}).get("zero_optimization", {}).get("stage") == 3:
         return "deepspeed_stage_3"
     return "ddp"
@@ -120,4 +125,5 @@ class MemoryPreflight(Callback):
             Path(h["model_path"]), world_size=trainer.world_size, strategy=strategy_name(trainer),
             precision=precision, optimizer=h.get("optimizer", "adamw"),
             trainable_fraction=trainable_fraction(h["model_path"], list(h.get("trainable_parts", []))),
-            gradient_checkpointing=bool(h.get("gradient_checkpointing", False)), gpu_memory_gb=capacity, **kw)
+            gradient_checkpointing=bool(h.get("gradient_checkpointing", False)), gpu_memory_gb=capacity,
+            cpu_offload=bool(getattr(getattr(pl_module, "sharding", None), "cpu_offload", False)), **kw)

@@ -291,21 +291,33 @@ class VLMDataModule(LightningDataModule):
             return {"stream": stream, "served_skips": self.monitors["train"].state_dict()}
         if self.batch_server is None:
             return {}
-        return {"batch_server": self.batch_server.state_dict(), "served_skips": self.monitors["train"].state_dict()}
+        state = {"batch_server": self.batch_server.state_dict(), "served_skips": self.monitors["train"].state_dict()}
+        if self.trainer is not None and self.trainer.world_size > 1:  # rank 0 writes the file: every rank's order
+            from modules.sharding import all_ranks_state
+
+            state["batch_server_ranks"] = all_ranks_state(state["batch_server"])
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         key = "stream" if self.hparams.streaming else "batch_server"
         if key not in state:
             return
-        if key == "stream" and "train" in self.datasets:
-            self._resume_stream(self.datasets["train"], state[key])
-        elif self.batch_server is None:  # before setup: applied when the data is set up
-            self._pending_state = state[key]
+        if key == "stream":
+            if "train" in self.datasets:
+                self._resume_stream(self.datasets["train"], state[key])
+            else:  # before setup: applied when the data is set up
+                self._pending_state = state[key]
         else:
-            self.batch_server.load_state_dict(state[key])
+            from modules.sharding import rank_state
+
+            world = self.trainer.world_size if self.trainer is not None else 1
+            own = rank_state(state, "batch_server", self._rank(), world)
+            if self.batch_server is None:  # before setup: applied when the data is set up
+                self._pending_state = own
+            else:
+                self.batch_server.load_state_dict(own)
         if "served_skips" in state and "train" in self.monitors:
             self.monitors["train"].load_state_dict(state["served_skips"])
-
 
 def _head(data: LazyPrompts, n: int) -> Iterator[PromptRecord]:
     """The valid rows among the first `n` of the index (all when 0), read in chunks."""

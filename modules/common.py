@@ -69,12 +69,16 @@ def total_training_steps(trainer: Any) -> int:
     return int(est) if math.isfinite(est) else 1000
 
 
-def export_hf(model: nn.Module, processor: Any, out_dir: str | Path) -> Path:
+def export_hf(model: nn.Module, processor: Any, out_dir: str | Path,
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a stock Hugging Face folder (safetensors under stock names, stock processor, chat template,
-    generation config): it opens with plain transformers and serves with vLLM without this project."""
+    generation config): it opens with plain transformers and serves with vLLM without this project.
+
+    `state_dict`: full weights to write instead of the model's own (a sharded model's, gathered).
+    """
     from modules.stock import save_stock
 
-    return save_stock(model, processor, out_dir)
+    return save_stock(model, processor, out_dir, state_dict=state_dict)
 
 
 def validate_model_path(model_path: str) -> None:

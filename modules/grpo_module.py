@@ -7,7 +7,9 @@ mini-batch; with one epoch and one mini-batch the ratio is exactly 1 (fully on-p
 
 Manual optimisation: a step is rollout -> score -> advantages -> (old log-probs) -> updates -> metrics.
 Distributed: each rank owns whole groups (prompts are sharded, never rollouts), and the token-mean loss is
-divided by the global token count, so DDP's gradient average equals one process on all the data.
+divided by the global token count, so DDP's gradient average (or FSDP2's averaging reduce-scatter, under
+ModelParallelStrategy: modules/sharding.py) equals one process on all the data; logged metrics are reduced over
+ranks the same way (grpo_steps.global_metrics).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from modules.losses import KLPenalty, LossAggregation, PPOClipLoss, TokenMean
 from modules.policy import response_hidden, token_logprobs
 from modules.rewards import Reward
 from modules.rollout import HFRolloutEngine, RolloutEngine
+from modules.sharding import FSDP2Sharding, all_ranks_state, rank_state, shard_for_strategy
 
 ALL_PARTS = ["vision", "connector", "language_model", "lm_head"]
 
@@ -85,6 +88,8 @@ class GRPOModule(LightningModule):
         val_group_size: samples per validation prompt.
         val_temperature: sampling temperature at validation (0 = greedy).
         seed: seed of the rollout sampler's random generator (None: the run's `seed_everything`).
+        sharding: FSDP2 options (CPU offload, bf16 compute) used when the strategy is ModelParallelStrategy
+            (None: defaults); the policy and the reference model are sharded alike (modules/sharding.py).
     """
 
     def __init__(
@@ -120,10 +125,11 @@ class GRPOModule(LightningModule):
         val_group_size: int = 1,
         val_temperature: float = 1.0,
         seed: int | None = None,
+        sharding: FSDP2Sharding | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["rollout", "rewards", "advantage", "policy_loss", "aggregation", "kl",
-                                          "overlong"])
+                                          "overlong", "sharding"])
         validate_model_path(model_path)
         advantage = fresh(advantage)
         if group_size < advantage.min_group_size:
@@ -135,6 +141,7 @@ class GRPOModule(LightningModule):
         self.rollout, self.advantage, self.policy_loss = rollout, advantage, policy_loss
         self.aggregation, self.kl, self.overlong = aggregation, kl, overlong
         self.rewards = self._weighted_rewards(rewards, reward_weights)
+        self.sharding = sharding
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.processor: Any = None
@@ -161,12 +168,14 @@ class GRPOModule(LightningModule):
         self.policy, self.processor = load_policy(h.model_path, h.trainable_parts, h.dtype,
                                                   h.attn_implementation, h.gradient_checkpointing,
                                                   h.trust_remote_code)
+        self.policy = shard_for_strategy(self.policy, self._trainer, self.sharding)
         if self.kl.enabled:
             from modules.loading import load_vlm
 
             self.ref_policy, _ = load_vlm(h.model_path, dtype=h.dtype, attn_implementation=h.attn_implementation,
                                           trust_remote_code=h.trust_remote_code)
             self.ref_policy.requires_grad_(False).eval()
+            self.ref_policy = shard_for_strategy(self.ref_policy, self._trainer, self.sharding)
 
     def setup(self, stage: str) -> None:
         self.configure_model()
@@ -298,18 +307,20 @@ class GRPOModule(LightningModule):
         if not params:
             return 0.0
         max_norm = self.hparams.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # sharded: over DTensors, the global norm
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     # -- metrics --------------------------------------------------------------------------------------------
     def record(self, rollouts: Rollouts, scores: GroupScores, stats: LossStats, t_rollout: float,
                t_update: float) -> None:
-        from modules.grpo_steps import step_metrics
+        from modules.grpo_steps import global_metrics, step_metrics
 
         metrics = step_metrics(rollouts, scores, stats, t_rollout, t_update)
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics["train/zero_std_frac"] = float(zero_std_mask(scores.total).float().mean())
         for name, value in self.rewards.pop_metrics().items():  # e.g. the model verifier's figures
             metrics[name if name.startswith("time/") else f"train/{name}"] = value
+        metrics = global_metrics(metrics, stats, self.trainer)  # over all ranks, as one process would log
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(rollouts.prompts))
         self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, logger=False)
         log_global_step(self)  # the step checkpoints, selection.json and the callbacks' text and images use
@@ -346,11 +357,14 @@ class GRPOModule(LightningModule):
         # the training sampler's state, also when saved during validation or before the restored state is applied
         state = self._train_sampler_state or self._rollout_state
         checkpoint["rollout_engine"] = state if state is not None else self.rollout.state_dict()
+        if self.trainer.world_size > 1:  # rank 0 writes the file: keep every rank's sampler state in it
+            checkpoint["rollout_engine_ranks"] = all_ranks_state(checkpoint["rollout_engine"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
-        check_compatible(policy_state(checkpoint), self.policy, "the checkpoint being resumed")
-        self._rollout_state = checkpoint.get("rollout_engine")
+        if "state_dict" in checkpoint:  # a sharded checkpoint was loaded in place (strictly) by the strategy
+            check_compatible(policy_state(checkpoint), self.policy, "the checkpoint being resumed")
+        self._rollout_state = rank_state(checkpoint, "rollout_engine", self.global_rank, self.trainer.world_size)
 
 
 def rollouts_subset(rollouts: Rollouts, prompts: list[int]) -> Rollouts:

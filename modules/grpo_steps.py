@@ -159,6 +159,28 @@ def step_metrics(rollouts: Rollouts, scores: GroupScores, stats: LossStats, t_ro
     return m
 
 
+def global_metrics(metrics: dict[str, float], stats: LossStats, trainer) -> dict[str, float]:
+    """The step's scalars over all ranks (each rank holds as many prompts): means, maxima of `*_max` and
+    `time/*`, sums of throughput, and the token-weighted entropy from summed numerators and token counts."""
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    if world <= 1:
+        return metrics
+    keys = sorted(metrics)
+    vals = torch.tensor([metrics[k] for k in keys] + [stats.entropy_sum, stats.entropy_tokens],
+                        dtype=torch.float64, device=trainer.strategy.root_device)
+    total = trainer.strategy.reduce(vals.clone(), reduce_op="sum").cpu()
+    top = trainer.strategy.reduce(vals.clone(), reduce_op="max").cpu()
+    out = {}
+    for i, k in enumerate(keys):
+        if k.endswith("_max") or k.startswith("time/"):
+            out[k] = float(top[i])
+        else:
+            out[k] = float(total[i]) / (1 if k.startswith("throughput/") else world)
+    if "train/rollout_entropy" in out:
+        out["train/rollout_entropy"] = float(total[-2] / total[-1].clamp(min=1.0))
+    return out
+
+
 def select_prompts(batch: PromptBatch, prompts: list[int]) -> PromptBatch:
     """A PromptBatch of some of the prompts, their vision rows included."""
     vision = {}

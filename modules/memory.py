@@ -42,7 +42,8 @@ LOGIT_BYTES = 10.0
 CUDA_CONTEXT_GB = 1.0
 FRAGMENTATION = 0.05
 
-Strategy = Literal["ddp", "fsdp", "deepspeed_stage_3"]
+Strategy = Literal["ddp", "fsdp", "fsdp2", "deepspeed_stage_3"]
+SHARDED = ("fsdp", "fsdp2", "deepspeed_stage_3")  # weights, grads and optimizer states split over ranks
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 Optimizer = Literal["adamw", "adamw_8bit"]
 
@@ -241,17 +242,19 @@ def estimate_memory(config: Any, world_size: int = 1, strategy: Strategy = "ddp"
                     response_len: int = 4096, gradient_checkpointing: bool = True,
                     vllm_gpu_memory_utilization: float | None = None, gpu_memory_gb: float = 80.0,
                     group_size: int = 1, images_per_prompt: int = 1, vllm_sleep: bool = True,
-                    mode: Literal["grpo", "sft"] = "grpo") -> MemoryEstimate:
+                    mode: Literal["grpo", "sft"] = "grpo", cpu_offload: bool = False) -> MemoryEstimate:
     """Memory per GPU of one training step.
 
     rollout_batch: responses per rank per optimiser step (GRPO: prompts per rank x G) or sequences per rank
     (SFT, with prompt_len = sequence length and response_len = 0). group_size: G; with the shared-prompt
     forward each prompt's prefix is computed once per group. images_per_prompt: 448-px tiles per prompt.
+    strategy: fsdp / fsdp2 / deepspeed_stage_3 divide weights, grads and optimizer states by world_size (plus the
+    gathered blocks); cpu_offload (FSDP2) keeps those shards in CPU RAM, leaving only the gathered blocks on GPU.
     """
     cfg = _cfg(config)
     tc, vc = _first(cfg, "text_config", "llm_config"), cfg["vision_config"]
     params = count_parameters(cfg)
-    shard = world_size if strategy in ("fsdp", "deepspeed_stage_3") else 1
+    shard = world_size if strategy in SHARDED else 1
     w, extra, g, o = bytes_per_param(strategy, precision, optimizer)
     compute = 4.0 if precision == "32-true" else 2.0
     total, train = params.total, params.total * trainable_fraction
@@ -260,13 +263,17 @@ def estimate_memory(config: Any, world_size: int = 1, strategy: Strategy = "ddp"
         weights += 2 * params.largest_layer * compute  # gathered unit + prefetched next unit
     grads = train * g / shard * (2 if strategy == "ddp" and world_size > 1 else 1)
     optim = train * o / shard
+    notes: list[str] = []
+    if cpu_offload and shard > 1:
+        host = (total * w + train * extra) / shard + grads + optim
+        weights, grads, optim = 2 * params.largest_layer * compute, 0.0, 0.0
+        notes.append(f"cpu_offload: {host / GIB:.2f} GiB of shards, grads and optimizer states per rank in CPU RAM")
     prompts = math.ceil(rollout_batch / max(1, group_size))
     tokens = prompts * prompt_len + rollout_batch * response_len
     logit_tokens = rollout_batch * (response_len if mode == "grpo" else prompt_len)
     act = activation_bytes(tc, vc, tokens, prompts * images_per_prompt * _vision_tokens_per_image(vc),
                            gradient_checkpointing, compute)
     logits = logit_tokens * tc["vocab_size"] * (LOGIT_BYTES if compute == 2.0 else 2 * 4.0)
-    notes: list[str] = []
     if mode == "sft":
         rollout, overlap = 0.0, False
     elif vllm_gpu_memory_utilization is not None:
@@ -288,7 +295,7 @@ def advice(est: MemoryEstimate, strategy: str, optimizer: str, checkpointing: bo
     """What to change, biggest row first, when the estimate does not fit."""
     out = []
     if est.states > 0.4 * est.capacity_gb * GIB and strategy == "ddp":
-        out.append("shard weights, grads and optimizer states: add `--config configs/scale/fsdp.yaml` (or deepspeed.yaml)")
+        out.append("shard weights, grads and optimizer states: add `--config configs/scale/fsdp2.yaml` (or deepspeed.yaml)")
     if optimizer == "adamw" and est.optimizer > 0.15 * est.capacity_gb * GIB:
         out.append("8-bit AdamW (optimizer states /4): `--config configs/scale/adamw_8bit.yaml`")
     if not checkpointing and est.activations > 0.1 * est.capacity_gb * GIB:

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from datamodules.types import PromptBatch
 from modules.entropy import entropy_from_logits
+from modules.sharding import all_ranks_true
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def sample(model: nn.Module, batch: PromptBatch, g: int, sp: SamplingParams, eos
         alive.append(~done)
         tokens.append(tok)
         done = done | torch.isin(tok, eos)
-        if bool(done.all()) or step == sp.max_new_tokens - 1:
+        if all_ranks_true(model, bool(done.all())) or step == sp.max_new_tokens - 1:  # sharded: in step
             break
         mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)  # the token just drawn, if it is real
         out = model(input_ids=tok[:, None], attention_mask=mask,

@@ -23,6 +23,7 @@ from modules.common import (
     warmup_cosine,
 )
 from modules.policy import positions
+from modules.sharding import FSDP2Sharding, shard_for_strategy
 
 ALL_PARTS = ["vision", "connector", "language_model", "lm_head"]
 
@@ -59,15 +60,18 @@ class SFTModule(LightningModule):
         min_lr_ratio: the cosine ends at lr * min_lr_ratio.
         max_grad_norm: gradient clipping (0 = off).
         autocast_bf16: bf16 autocast for forward and backward.
+        sharding: FSDP2 options used when the strategy is ModelParallelStrategy (modules/sharding.py).
     """
 
     def __init__(self, model_path: str, trainable_parts: list[str] = ALL_PARTS, dtype: str = "float32",
                  attn_implementation: str | None = "sdpa", gradient_checkpointing: bool = False,
                  trust_remote_code: bool = False, lr: float = 1e-5, weight_decay: float = 0.0,
                  optimizer: str = "adamw", warmup_ratio: float = 0.03, lr_schedule: str = "cosine",
-                 min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, autocast_bf16: bool = False):
+                 min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, autocast_bf16: bool = False,
+                 sharding: FSDP2Sharding | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["sharding"])
+        self.sharding = sharding
         validate_model_path(model_path)
         self.policy: torch.nn.Module | None = None
         self.processor = None
@@ -78,6 +82,7 @@ class SFTModule(LightningModule):
         h = self.hparams
         self.policy, self.processor = load_policy(h.model_path, h.trainable_parts, h.dtype, h.attn_implementation,
                                                   h.gradient_checkpointing, h.trust_remote_code)
+        self.policy = shard_for_strategy(self.policy, self._trainer, self.sharding)
 
     def setup(self, stage: str) -> None:
         self.configure_model()
@@ -119,4 +124,5 @@ class SFTModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
-        check_compatible(policy_state(checkpoint), self.policy, "the checkpoint being resumed")
+        if "state_dict" in checkpoint:  # a sharded checkpoint was loaded in place (strictly) by the strategy
+            check_compatible(policy_state(checkpoint), self.policy, "the checkpoint being resumed")

@@ -69,12 +69,14 @@ def _restock_files(out: Path, prefix: tuple[str, str]) -> None:
         index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_stock(model: nn.Module, processor: Any, out_dir: str | Path) -> Path:
+def save_stock(model: nn.Module, processor: Any, out_dir: str | Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a stock Hugging Face folder: safetensors under stock names, the stock processor (with the family's
-    video processor config), chat template, generation config."""
+    video processor config), chat template, generation config. `state_dict`: full weights to write instead of
+    the model's own (a sharded model's, gathered on rank 0)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     prefix = _tower_prefix(model)
     if prefix is not None:
         _restock_files(out, prefix)

@@ -7,8 +7,9 @@ Life cycle (one engine per rank, each rank samples its own prompts):
   dropped) so each update has the GPU to itself; on CPU (`CpuPlacement`) it takes a fixed `kv_cache_gb` of RAM
   and stays awake (sleep mode is CUDA-only; the skip is logged once).
 - `sync_weights(model)` (after every optimiser step) only marks the engine stale; the next `generate` pushes the
-  policy's *trainable* parameters (`weights_to_push`: frozen parts never change, so the connector-only stage sends
-  ~92M parameters, not 38B) under their stock checkpoint names, samples, and sleeps again on CUDA. The engine is
+  policy's *trainable* parameters (`push_stream`: full tensors gathered one by one from FSDP2 shards; frozen
+  parts never change, so the connector-only stage sends ~92M parameters, not 38B) under their stock checkpoint
+  names, samples, and sleeps again on CUDA. The engine is
   also stale right after `setup`, so a run resumed from a checkpoint samples from the resumed weights, not from
   `model_path`'s. `push_weights(llm, pairs)` is the push itself, for any (name, full tensor) pairs (e.g. gathered
   from FSDP shards): `worker.reload_weights(..., is_checkpoint_format=True)`, which works on CPU and CUDA alike
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -72,16 +73,26 @@ def clean_name(name: str) -> str:
     return name
 
 
-def weights_to_push(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) of the parameters that train; all of them when nothing is trainable.
+def push_stream(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, full tensor) of the parameters that train; all of them when nothing is trainable.
 
-    Names are those of `model.named_parameters()` without wrapper segments, mapped back to the names
-    a stock checkpoint carries (`modules.stock.stock_names`, the names vLLM loaded from), so vLLM's own
-    checkpoint-name mapping applies.
+    A sharded (FSDP2) model's `DTensor` shards are gathered one tensor at a time (`full_parameters`), so no rank
+    ever holds more than one extra full tensor; every rank must consume the stream to the end (each gather is a
+    collective), and every rank gets the same full tensors for its own vLLM engine. Names are those of
+    `model.named_parameters()` without wrapper segments, mapped back to the names a stock checkpoint carries
+    (`modules.stock.stock_names`, the names vLLM loaded from), so vLLM's own checkpoint-name mapping applies.
     """
-    named = [(clean_name(n), p) for n, p in model.named_parameters()]
-    chosen = [(n, p.detach()) for n, p in named if p.requires_grad] or [(n, p.detach()) for n, p in named]
-    return stock_names(model, chosen)
+    from modules.sharding import full_parameters
+
+    named = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    chosen = {n for n, trains in named if trains} or {n for n, _ in named}
+    for name, tensor in full_parameters(model, chosen):
+        yield from stock_names(model, [(clean_name(name), tensor)])
+
+
+def weights_to_push(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """`push_stream` as a list (all full tensors at once)."""
+    return list(push_stream(model))
 
 
 def pack_responses(tokens: list[list[int]], logprobs: list[list[float]] | None, finished: list[bool],
@@ -297,14 +308,15 @@ class VLLMRolloutEngine(RolloutEngine):
         log.debug("pushed %d tensors to vLLM", len(self.last_pushed))
 
     @staticmethod
-    def _gathered(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        """Trainable weights, with FSDP shards gathered to full tensors first."""
+    def _gathered(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+        """Trainable weights as full tensors: FSDP2 `DTensor` shards gathered one by one (`push_stream`), FSDP1
+        shards summoned whole first."""
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         if any(isinstance(m, FSDP) for m in model.modules()):
             with FSDP.summon_full_params(model, writeback=False, rank0_only=False):
-                return [(n, t.clone()) for n, t in weights_to_push(model)]
-        return weights_to_push(model)
+                return [(n, t.clone()) for n, t in push_stream(model)]
+        return push_stream(model)
 
     # -- sampling -------------------------------------------------------------------------------------------
     def generate(self, model: nn.Module, batch: PromptBatch, group_size: int,

@@ -18,7 +18,7 @@ from app.make_data import write_dataset
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 OVERLAY_DIRS = {"curriculum", "scale"}
-GPU_ONLY = {"fsdp.yaml", "deepspeed.yaml"}  # Lightning refuses these strategies on CPU (see test_scale_configs)
+GPU_ONLY = {"deepspeed.yaml"}  # Lightning refuses this strategy on CPU (see test_scale_configs)
 
 
 @pytest.fixture(scope="module")

@@ -169,6 +169,27 @@ def test_sharding_and_8bit_shrink_the_38b_states():
         assert row in table
 
 
+def test_fsdp2_shards_states_and_cpu_offload_moves_them_off_the_gpu():
+    cfg = INTERNVL3["38b"]
+    kw = dict(world_size=32, precision="bf16-mixed", rollout_batch=32, group_size=32, prompt_len=1024,
+              response_len=4096)
+    fsdp, fsdp2 = estimate_memory(cfg, strategy="fsdp", **kw), estimate_memory(cfg, strategy="fsdp2", **kw)
+    assert fsdp2.states == pytest.approx(fsdp.states)  # same layout: states / world size + gathered blocks
+    offload = estimate_memory(cfg, strategy="fsdp2", cpu_offload=True, **kw)
+    assert offload.grads == offload.optimizer == 0 and offload.states < fsdp2.states / 10  # gathered blocks only
+    assert any("CPU RAM" in n for n in offload.notes)
+
+
+def test_preflight_names_model_parallel_strategy_fsdp2():
+    from lightning import Trainer
+
+    from callbacks.preflight import strategy_name
+    from modules.sharding import FSDP2Strategy
+
+    assert strategy_name(Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), logger=False)) == "fsdp2"
+    assert strategy_name(Trainer(accelerator="cpu", devices=1, logger=False)) == "ddp"
+
+
 def test_single_gpu_1b_fits_with_vllm_share():
     est = estimate_memory(INTERNVL3["1b"], precision="bf16-mixed", rollout_batch=16, group_size=8,
                           prompt_len=1024, response_len=1024, gradient_checkpointing=True,

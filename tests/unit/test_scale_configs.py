@@ -1,8 +1,9 @@
 """Every YAML under configs/r1v3 and configs/scale parses with the app's CLI and holds the paper's values.
 
 The r1v3 files are instantiated (model_path pointed at a tiny model, data at a tiny parquet, the GPU cluster
-layout swapped for one CPU process); their FSDP / DeepSpeed strategies and the overlays are parsed without
-instantiation, since Lightning refuses FSDP without a GPU (checked below, so the refusal is documented).
+layout swapped for one CPU process); their FSDP2 strategy (configs/scale/fsdp2.yaml; it runs on 2 CPU processes in
+tests/integration/test_sharded*.py), DeepSpeed and the overlays are parsed without instantiation. FSDP1 is not
+used: Lightning refuses it without a GPU (checked below), so it could never run here.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def parser(assets):
 
 def test_all_files_present():
     assert {p.stem for p in R1V3} >= {"sft", "grpo", "connector"}
-    assert {p.stem for p in SCALE} >= {"internvl3_1b", "internvl3_8b", "fsdp", "deepspeed", "bf16", "adamw_8bit"}
+    assert {p.stem for p in SCALE} >= {"internvl3_1b", "internvl3_8b", "fsdp2", "deepspeed", "bf16", "adamw_8bit"}
 
 
 def test_grpo_paper_values(assets):
@@ -90,12 +91,21 @@ def test_sft_and_connector_values(assets):
 
 
 @pytest.mark.parametrize("path", R1V3, ids=lambda p: p.stem)
-def test_r1v3_parse_with_fsdp(parser, assets, path):
+def test_r1v3_shard_with_fsdp2(parser, assets, path):
     cfg = parser.parse_args(["--config", str(path), *overrides(assets, cpu=False)])
-    s = cfg.trainer.strategy
-    assert s.class_path == "lightning.pytorch.strategies.FSDPStrategy"
-    assert {c.__name__ for c in s.init_args.auto_wrap_policy} == {"Qwen2DecoderLayer", "InternVLVisionLayer"}
+    assert cfg.trainer.strategy.class_path == "modules.sharding.FSDP2Strategy"  # = configs/scale/fsdp2.yaml
+    assert cfg.model.init_args.gradient_checkpointing is True
     assert cfg.trainer.num_nodes * cfg.trainer.devices == 32
+
+
+def test_fsdp2_strategy_takes_bf16_mixed_and_shards_over_every_rank():
+    """The r1v3 files' strategy and precision build a Trainer (the 2-process runs are in tests/integration)."""
+    from lightning import Trainer
+
+    from modules.sharding import FSDP2Strategy
+
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), precision="bf16-mixed", logger=False)
+    assert isinstance(trainer.strategy, FSDP2Strategy) and trainer.precision == "bf16-mixed"
 
 
 @pytest.mark.parametrize("path", SCALE, ids=lambda p: p.stem)
@@ -103,8 +113,10 @@ def test_scale_overlays_parse(parser, assets, path):
     cfg = parser.parse_args(["--config", str(ROOT / "configs" / "r1v3" / "grpo.yaml"), "--config", str(path),
                              *overrides(assets, cpu=False)[:-2]])  # keep the overlay's own root dir
     name = path.stem
-    if name == "fsdp":
-        assert cfg.trainer.strategy.class_path.endswith("FSDPStrategy")
+    if name == "fsdp2":
+        assert cfg.trainer.strategy.class_path == "modules.sharding.FSDP2Strategy"
+        assert cfg.trainer.strategy.init_args.tensor_parallel_size == 1
+        assert cfg.model.init_args.sharding.class_path == "modules.sharding.FSDP2Sharding"
     elif name == "deepspeed":
         assert cfg.trainer.strategy.class_path.endswith("DeepSpeedStrategy")
         assert cfg.trainer.strategy.init_args.stage == 3
