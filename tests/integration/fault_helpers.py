@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modules.rewards import Reward
+from modules.vllm_engine import VLLMRolloutEngine
 
 
 class OddLengthReward(Reward):
@@ -29,3 +30,10 @@ class VerifierDownReward(Reward):
 
     def __call__(self, responses, records) -> list[float]:
         raise ConnectionError("verifier http://127.0.0.1:9/verify did not answer (3 tries in 30 s)")
+
+
+class NoSyncVLLMEngine(VLLMRolloutEngine):
+    """A broken weight sync: vLLM gets the weights once (the engine is stale after set-up), never the updates."""
+
+    def sync_weights(self, model) -> None:
+        pass
