@@ -41,7 +41,7 @@ FEATURES = Features(
         "meta": Value("string"),
     }
 )
-ROW_GROUP_SIZE = 500  # small row groups let readers stream a shard without loading all its images
+ROW_GROUP_SIZE = 100  # the HF hub's size for image sets: serving one row reads its whole row group (datamodules/row_index.py)
 
 
 def shard_name(split: str, shard: int, n_shards: int) -> str:
